@@ -1,0 +1,51 @@
+"""fedgate.core: compiled kernels and what both daemons share.
+
+Models, aggregation kernels, update codecs, the wire protocol, errors, units and
+the config loader. Names are loaded lazily (PEP 562), so ``import
+fedgate.core.errors`` or ``fedgate.core.units`` loads no compiled module and no
+numpy.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    # errors
+    "FedgateError": "fedgate.core.errors",
+    "ConfigError": "fedgate.core.errors",
+    "DriverError": "fedgate.core.errors",
+    "DeviceTimeout": "fedgate.core.errors",
+    "DeviceException": "fedgate.core.errors",
+    "ConnectionLost": "fedgate.core.errors",
+    "ProtocolError": "fedgate.core.errors",
+    "TrainingError": "fedgate.core.errors",
+    "AggregationError": "fedgate.core.errors",
+    "StoreError": "fedgate.core.errors",
+    "SecurityError": "fedgate.core.errors",
+    # units and config
+    "parse_duration": "fedgate.core.units",
+    "parse_size": "fedgate.core.units",
+    "format_duration": "fedgate.core.units",
+    "format_size": "fedgate.core.units",
+    "option": "fedgate.core.config",
+    "build": "fedgate.core.config",
+    "load_toml": "fedgate.core.config",
+    "setup_logging": "fedgate.core.logs",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedgate.core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,4 @@
+"""fedgate.server: the aggregation daemon (transport, coordinator, strategies, store, metrics)."""
+from __future__ import annotations
+
+__all__: list[str] = []
