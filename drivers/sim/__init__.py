@@ -1,0 +1,37 @@
+"""fedgate.drivers.sim: the simulated plant (``fedgate-sim``) and pty test links.
+
+- :class:`PtyLink` / :func:`open_pty_writer` (``ptylink``): a socat-like pty
+  null-modem cable and a line writer for serial-sensor rigs.
+- :class:`Plant`, :class:`Profile`, :data:`PROFILES` (``plant``): vectorised,
+  seeded machine degradation model with faults, maintenance and labels.
+- :class:`PlantServer` (``server``): the plant served over Modbus TCP or RTU.
+- :class:`SensorEmitter` (``sensor``): the plant as a line-protocol serial sensor.
+
+Names load lazily, so ``from fedgate.drivers.sim import PtyLink`` imports neither
+numpy nor pymodbus.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "PtyLink": "fedgate.drivers.sim.ptylink",
+    "PtyWriter": "fedgate.drivers.sim.ptylink",
+    "open_pty_writer": "fedgate.drivers.sim.ptylink",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedgate.drivers.sim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
