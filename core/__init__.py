@@ -33,6 +33,15 @@ _LAZY: dict[str, str] = {
     "build": "fedgate.core.config",
     "load_toml": "fedgate.core.config",
     "setup_logging": "fedgate.core.logs",
+    # models and training
+    "ModelKind": "fedgate.core.model",
+    "Activation": "fedgate.core.model",
+    "Loss": "fedgate.core.model",
+    "LrSchedule": "fedgate.core.model",
+    "LayerSlice": "fedgate.core.model",
+    "ModelSpec": "fedgate.core.model",
+    "FitReport": "fedgate.core.model",
+    "Model": "fedgate.core.model",
 }
 
 __all__ = sorted(_LAZY)
