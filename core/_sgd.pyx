@@ -298,26 +298,24 @@ cdef void _backward(const Net* net, const floating* w, const floating** rows, Py
 
 cdef void _update(const Net* net, const Hyper* hp, double eta, floating* w, floating* g,
                   const float* ref) noexcept nogil:
-    """w -= eta * (g + l2 * W + mu * (w - ref)); zero g. L2 spares the biases."""
-    cdef Py_ssize_t l, i, lo, hi
+    """w -= eta * (g + l2 * W + mu * (w - ref)), all from the old w; zero g.
+
+    L2 spares the biases; the FedProx term covers every parameter.
+    """
+    cdef Py_ssize_t l, i
     cdef floating e = <floating>eta
-    cdef floating decay = <floating>(1.0 - eta * hp.l2)
+    cdef floating l2 = <floating>hp.l2
     cdef floating mu = <floating>(eta * hp.prox_mu)
-    for l in range(net.n_layers):
-        lo = net.w_off[l]
-        hi = net.b_off[l]
-        if hp.l2 != 0:
-            for i in range(lo, hi):
-                w[i] = decay * w[i] - e * g[i]
-        else:
-            for i in range(lo, hi):
-                w[i] -= e * g[i]
-        hi += net.sizes[l + 1]
-        for i in range(net.b_off[l], hi):
-            w[i] -= e * g[i]
+    if hp.l2 != 0:
+        for l in range(net.n_layers):
+            for i in range(net.w_off[l], net.b_off[l]):
+                g[i] += l2 * w[i]
     if ref != NULL:
         for i in range(net.n_params):
-            w[i] -= mu * (w[i] - ref[i])
+            w[i] -= e * g[i] + mu * (w[i] - ref[i])
+    else:
+        for i in range(net.n_params):
+            w[i] -= e * g[i]
     memset(g, 0, net.n_params * sizeof(floating))
 
 

@@ -323,7 +323,8 @@ class Model:
     @params.setter
     def params(self, value: Any) -> None:
         try:
-            arr = np.asarray(value, dtype=np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):
+                arr = np.asarray(value, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"not a numeric vector ({exc})", key="params") from None
         if arr.shape != (self.n_params,):
@@ -475,7 +476,8 @@ class Model:
         k = self._spec.n_outputs if self._target == "values" else 1
         if not (type(y) is np.ndarray and y.dtype is X.dtype and y.flags.c_contiguous):
             try:
-                y = np.ascontiguousarray(y, dtype=X.dtype)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    y = np.ascontiguousarray(y, dtype=X.dtype)
             except (TypeError, ValueError) as exc:
                 raise TrainingError(f"y must be numeric ({exc})") from None
         if y.size != n * k or not (y.ndim == 1 or (y.ndim == 2 and y.shape == (n, k))):
@@ -515,10 +517,11 @@ class Model:
         if status == _sgd.BAD_X:
             raise TrainingError(f"X row {row} holds NaN or Inf; refused (model unchanged)")
         if status == _sgd.BAD_Y:
-            value = np.asarray(y).reshape(-1, 1 if self._target != "values" else self._spec.n_outputs)[row]
+            value = np.asarray(y, dtype=np.float64).reshape(len(np.asarray(y)), -1)[row]
+            shown = value.tolist() if value.size > 1 else float(value[0])
             what = {"binary": "must be 0 or 1", "class": f"must be an integer class id in [0, {self._spec.n_outputs})",
                     "values": "must be finite"}[self._target]
-            raise TrainingError(f"y[{row}] = {value.tolist()}: {what} (model unchanged)")
+            raise TrainingError(f"y[{row}] = {shown!r}: {what} (model unchanged)")
         if status == _sgd.DIVERGED:
             raise TrainingError(f"training diverged in epoch {epoch + 1} (non-finite weights or loss) with "
                                 f"lr={lr}; lower lr or scale the features (model unchanged)")
