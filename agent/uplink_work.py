@@ -37,7 +37,7 @@ class ResultEncoder:
     def __init__(self, agent_name: str, outbox: Outbox) -> None:
         self.agent_name = agent_name
         self.outbox = outbox
-        self._topk_state: Any = None
+        self._topk_state: Any = None  # codec.ErrorFeedback, kept across rounds
 
     @staticmethod
     def decode(buf: bytes | memoryview) -> np.ndarray:
@@ -57,12 +57,19 @@ class ResultEncoder:
         from fedgate.core import codec
 
         vec = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
-        kwargs = dict(task.codec_params)
-        if task.codec == "topk":
-            if self._topk_state is None or getattr(self._topk_state, "dim", vec.size) != vec.size:
-                self._topk_state = codec.TopKState(vec.size)
-            kwargs["state"] = self._topk_state
-        return bytes(codec.encode(vec, task.codec, **kwargs))
+        params = task.codec_params
+        try:
+            if task.codec == "q8":
+                # a per-task seed: stochastic rounding errors do not repeat from round to round
+                seed = int(params.get("seed", int(task.task_id[:8], 16)))
+                return codec.encode(vec, "q8", block=int(params.get("block", 256)), seed=seed % 2**32)
+            if task.codec == "topk":
+                if self._topk_state is None or self._topk_state.dim != vec.size:
+                    self._topk_state = codec.ErrorFeedback(vec.size)
+                return codec.encode(vec, "topk", k=float(params.get("k", 0.01)), state=self._topk_state)
+            return codec.encode(vec, task.codec)
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(f"task {task.task_id}: cannot encode with {task.codec} {params}: {exc}") from exc
 
     def fields(self, task: Task, outcome: TaskOutcome) -> dict[str, Any]:
         """The ``result`` header fields for ``outcome``."""

@@ -61,6 +61,7 @@ class ScriptedServer:
     def __init__(self, ctx: zmq.asyncio.Context, secret: bytes | None, port: int | None = None) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
+        self.answer_heartbeats = True
         if secret is not None:
             self.sock.curve_secretkey = secret
             self.sock.curve_server = True
@@ -77,6 +78,8 @@ class ScriptedServer:
             assert left > 0, "no message from the agent in time"
             frames = await asyncio.wait_for(self.sock.recv_multipart(), left)
             msg = protocol.decode(frames[1:])
+            if msg.type is MsgType.HEARTBEAT and self.answer_heartbeats:
+                await self.send(frames[0], MsgType.HEARTBEAT, {})
             if skip_heartbeats and msg.type is MsgType.HEARTBEAT:
                 continue
             return frames[0], msg
@@ -262,6 +265,7 @@ def test_silent_server_detected_and_socket_recreated(tmp_path):
         rid, _ = await server.recv()
         await server.welcome(rid)
         # say nothing more: after dead_after the agent reconnects with a new socket (new routing id)
+        server.answer_heartbeats = False
         rid2, hello = await server.recv(timeout_s=20)
         assert hello.type is MsgType.HELLO and rid2 != rid
         await server.welcome(rid2)
@@ -344,3 +348,81 @@ def test_stop_sends_bye(tmp_path):
 
     run_scenario(None, tmp_path / "s.db", scenario)
     assert got == [MsgType.BYE]
+
+
+class TrainHandler(Handler):
+    """Train tasks return global + 1 (so what arrives is checkable)."""
+
+    def run_task(self, task: Task, global_params: np.ndarray | None) -> TaskOutcome:
+        self.tasks.append(task)
+        if task.kind == "train":
+            assert global_params is not None and global_params.dtype == np.float32
+            return TaskOutcome(n_samples=5, metrics={"loss": 1.0}, params=global_params + 1.0)
+        return super().run_task(task, global_params)
+
+
+@pytest.mark.parametrize("codec_name", ["f32", "f16", "q8", "topk"])
+def test_train_result_encoded_with_the_task_codec(tmp_path, codec_name):
+    from fedgate.core import codec
+
+    glob = np.linspace(-1, 1, 500, dtype=np.float32)
+    received: list[np.ndarray] = []
+
+    async def scenario(server: ScriptedServer, uplink: Uplink) -> None:
+        rid, _ = await server.recv()
+        await server.welcome(rid)
+        for round_ in (1, 2):
+            tf = task_fields(round_, kind="train") | {"codec": codec_name, "codec_params": {"k": 0.5}}
+            await server.send(rid, MsgType.TASK, tf, payload=codec.encode(glob, "f32"))
+            _, res = await server.recv()
+            assert res.fields["kind"] == "train" and res.fields["round"] == round_
+            assert codec.read_header(res.payload).codec.value == codec_name
+            received.append(codec.decode(res.payload))
+
+    run_scenario(None, tmp_path / "s.db", scenario, handler=TrainHandler())
+    want = glob + 1.0
+    if codec_name == "topk":
+        # error feedback: what round 1 left out is carried into round 2
+        assert np.count_nonzero(received[0]) == 250
+        assert np.abs(received[0] + received[1] - 2 * want).max() < np.abs(want).max()
+    else:
+        for got in received:
+            np.testing.assert_allclose(got, want, atol=0.02)
+
+
+def test_published_model_reaches_the_handler(tmp_path):
+    from fedgate.core import codec
+
+    handler = Handler()
+    params = np.arange(3, dtype=np.float32)
+
+    async def scenario(server: ScriptedServer, uplink: Uplink) -> None:
+        rid, _ = await server.recv()
+        await server.welcome(rid)
+        await server.send(rid, MsgType.MODEL, {"round": 4, "spec": SPEC, "features": FEATURES, "label": "y",
+                                               "scaler": {"mean": [0.0, 1.0], "std": [1.0, 2.0]}},
+                          payload=codec.encode(params, "f32"))
+        await _until(lambda: len(handler.models) == 1)
+
+    run_scenario(None, tmp_path / "s.db", scenario, handler=handler)
+    m = handler.models[0]
+    assert m.round == 4 and m.features == FEATURES and m.scaler["std"] == [1.0, 2.0]
+    np.testing.assert_array_equal(m.params, params)
+
+
+def test_failing_handler_is_counted_and_the_link_stays(tmp_path, caplog):
+    class Broken(Handler):
+        def run_task(self, task, global_params):
+            raise RuntimeError("sensor table empty")
+
+    async def scenario(server: ScriptedServer, uplink: Uplink) -> None:
+        rid, _ = await server.recv()
+        await server.welcome(rid)
+        await server.send(rid, MsgType.TASK, task_fields(1))
+        await _until(lambda: uplink.counters["tasks_failed"] == 1)
+        await asyncio.sleep(0.7)
+        assert uplink.status()["connected"] and uplink.status()["outbox"] == 0
+
+    with caplog.at_level(logging.ERROR, logger="fedgate.agent.uplink"):
+        run_scenario(None, tmp_path / "s.db", scenario, handler=Broken())
+    assert "sensor table empty" in caplog.text
