@@ -19,6 +19,16 @@ _LAZY: dict[str, str] = {
     "PtyLink": "fedgate.drivers.sim.ptylink",
     "PtyWriter": "fedgate.drivers.sim.ptylink",
     "open_pty_writer": "fedgate.drivers.sim.ptylink",
+    "FAULT_HEALTH": "fedgate.drivers.sim.plant",
+    "SIGNALS": "fedgate.drivers.sim.plant",
+    "MachineKind": "fedgate.drivers.sim.plant",
+    "Profile": "fedgate.drivers.sim.plant",
+    "PROFILES": "fedgate.drivers.sim.plant",
+    "Plant": "fedgate.drivers.sim.plant",
+    "Trace": "fedgate.drivers.sim.plant",
+    "fault_within": "fedgate.drivers.sim.plant",
+    "PlantServer": "fedgate.drivers.sim.server",
+    "ServerThread": "fedgate.drivers.sim.server",
 }
 
 __all__ = sorted(_LAZY)
