@@ -9,6 +9,7 @@ Multi-byte values are little-endian (the only byte order fedgate builds on).
 """
 from libc.stdint cimport uint8_t, int8_t, uint16_t, uint32_t, int32_t
 from libc.string cimport memcpy
+from libc.math cimport nextafterf
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 
 import zlib
@@ -209,6 +210,8 @@ def encode_q8(const float[::1] vec, float[::1] residual, Py_ssize_t block, uint3
                 inv = 0.0
             else:
                 scale = fg_u2f(m) / 127.0
+                if <double>scale * 127.0 > 3.4028234663852886e38:  # keep 127 * scale finite
+                    scale = nextafterf(scale, 0.0)
                 inv = 127.0 / fg_u2f(m)
             memcpy(&scales[b], &scale, 4)
             if r == NULL:

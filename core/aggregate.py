@@ -97,7 +97,7 @@ def _stack(stack: Any, name: str = "stack", check_finite: bool = True) -> FloatA
         for i in range(arr.shape[0]):
             j = _k.first_nonfinite(arr[i])
             if j >= 0:
-                raise AggregationError(f"{name}: update {i} has a non-finite value {arr[i, j]!r} at index {j}")
+                raise AggregationError(f"{name}: update {i} has a non-finite value {float(arr[i, j])!r} at index {j}")
     return arr
 
 
@@ -109,7 +109,7 @@ def _weights(weights: Any, n: int) -> npt.NDArray[np.float64]:
         raise AggregationError(f"weights must have shape ({n},), got {w.shape}")
     bad = np.flatnonzero(~np.isfinite(w) | (w < 0))
     if bad.size:
-        raise AggregationError(f"weights[{bad[0]}] = {w[bad[0]]!r}: weights must be finite and >= 0")
+        raise AggregationError(f"weights[{bad[0]}] = {float(w[bad[0]])!r}: weights must be finite and >= 0")
     if not w.sum() > 0:
         raise AggregationError("weights sum to zero")
     return np.ascontiguousarray(w)
@@ -221,7 +221,7 @@ class StreamingMean:
         if check_finite:
             j = _k.first_nonfinite(arr)
             if j >= 0:
-                raise AggregationError(f"update has a non-finite value {arr[j]!r} at index {j}")
+                raise AggregationError(f"update has a non-finite value {float(arr[j])!r} at index {j}")
         _k.accumulate(self._acc, arr, w)
         self._count += 1
         self._total += w
@@ -606,7 +606,7 @@ def merge_stats(parts: Sequence[tuple[int, Any, Any]]) -> Stats:
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise AggregationError(f"parts[{i}] has non-finite mean or m2")
         if (b < 0).any():
-            raise AggregationError(f"parts[{i}] has a negative m2 ({b.min()!r})")
+            raise AggregationError(f"parts[{i}] has a negative m2 ({float(b.min())!r})")
         if count == 0:
             continue
         if mean is None or m2 is None or total == 0:

@@ -197,7 +197,7 @@ def encode(
         raise ProtocolError(f"vec has {n} values: must be 1..{_MAX_COUNT}")
     bad = _agg.first_nonfinite(arr)
     if bad >= 0:
-        raise ProtocolError(f"cannot encode a non-finite value: vec[{bad}] = {arr[bad]!r}")
+        raise ProtocolError(f"cannot encode a non-finite value: vec[{bad}] = {float(arr[bad])!r}")
     residual = np.empty(0, dtype=np.float32)
     if state is not None:
         if not isinstance(state, ErrorFeedback) or state.dim != n:
