@@ -1,0 +1,68 @@
+"""Modbus RTU over a pty null-modem cable: a pymodbus serial server on one end."""
+from __future__ import annotations
+
+import pytest
+from drivers_peers import ModbusPeer, run, wait_until
+
+from fedgate.drivers import Acquisition, Quality, load_config, plan_device
+from fedgate.drivers.sim import PtyLink
+
+TAGS = [
+    {"name": "power", "register": "input", "address": 12, "type": "float32"},
+    {"name": "count", "register": "holding", "address": 2, "type": "uint32", "byte_order": "DCBA"},
+    {"name": "setpoint", "register": "holding", "address": 10, "type": "int16", "scale": 0.5, "writable": True},
+    {"name": "alarm", "register": "discrete", "address": 4, "type": "bool"},
+]
+
+
+@pytest.fixture
+def cable():
+    link = PtyLink().start()
+    yield link
+    link.close()
+
+
+def _doc(port: str) -> dict:
+    return {
+        "transports": [{"name": "bus", "kind": "modbus-rtu", "port": port, "baudrate": 115200, "timeout": "300ms",
+                        "reconnect_delay": "50ms", "reconnect_delay_max": "200ms"}],
+        "devices": [
+            {"name": "meter", "transport": "bus", "unit_id": 3, "poll": "50ms", "byte_order": "CDAB", "tags": TAGS},
+            {"name": "dead", "transport": "bus", "unit_id": 9, "poll": "50ms", "tags": TAGS[:1]},
+        ],
+    }
+
+
+def test_rtu_shared_bus_reads_writes_and_survives_a_dead_unit(cable):
+    from fedgate.drivers import codec_for
+
+    async def main():
+        async with ModbusPeer(units=(3, 9), serial_port=cable.a_path) as peer:
+            peer.mute_units.add(9)  # unit 9 never answers
+            await peer.set("input", 12, list(codec_for("float32", "CDAB").encode(230.5)), unit=3)
+            await peer.set("holding", 2, list(codec_for("uint32", "DCBA").encode(123456)), unit=3)
+            await peer.set("discrete", 4, [True], unit=3)
+            cfg = load_config(_doc(cable.b_path), file="agent.toml")
+            acq = Acquisition(cfg, seed=4)
+            await acq.start()
+            try:
+                await wait_until(lambda: acq.status()["meter"]["cycles"] >= 3, what="meter cycles")
+                await wait_until(lambda: acq.status()["dead"]["errors"]["timeout"] >= 2, what="dead unit timeouts")
+                await acq.write("meter.setpoint", -7.5)
+                await wait_until(lambda: acq.latest()["meter.setpoint"].value == -7.5, what="read-back")
+                plan_reads = len(plan_device(cfg.device("meter")).requests)
+                return acq.latest(), acq.status(), acq._links["bus"].connects, plan_reads, await peer.get(
+                    "holding", 10, 1, unit=3)
+            finally:
+                await acq.stop()
+
+    latest, status, connects, plan_reads, raw_sp = run(main())
+    assert latest["meter.power"].value == pytest.approx(230.5)
+    assert latest["meter.count"].value == 123456
+    assert latest["meter.alarm"].value is True
+    assert all(latest[f"meter.{t['name']}"].quality is Quality.GOOD for t in TAGS)
+    assert raw_sp == [(-15) & 0xFFFF]  # -7.5 / 0.5 as int16
+    assert plan_reads == 3  # input 12..13, holding 2..10 (max_gap 16), discrete 4
+    assert status["meter"]["state"] == "up" and sum(status["meter"]["errors"].values()) == 0
+    assert status["dead"]["state"] == "down" and latest["dead.power"].quality is Quality.ERROR
+    assert connects == 1  # the dead unit never closed the port for the meter
