@@ -44,8 +44,8 @@ class SensorFormat(str, enum.Enum):
 def nmea_checksum(body: str) -> str:
     """XOR of the characters between ``$`` and ``*``, two uppercase hex digits.
 
-    >>> nmea_checksum("FGVIB,1.000,40.00,7")
-    '6F'
+    >>> nmea_checksum("GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,")
+    '47'
     """
     return f"{reduce(lambda acc, ch: acc ^ ord(ch), body, 0):02X}"
 
