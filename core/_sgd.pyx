@@ -110,6 +110,16 @@ cdef inline uint64_t _next(uint64_t* s) noexcept nogil:
     return x * <uint64_t>0x2545F4914F6CDD1D
 
 
+cdef inline void _prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
+    # one prefetch per 64-byte cache line of the row
+    cdef const char* c = <const char*>p
+    cdef Py_ssize_t off = 0
+    while off < nbytes:
+        FEDGATE_PREFETCH(c + off)
+        off += 64
+    FEDGATE_PREFETCH(c + nbytes - 1)
+
+
 cdef inline bint _finite(double v) noexcept nogil:
     return v - v == 0.0
 
@@ -133,13 +143,6 @@ cdef inline void _axpy(floating* y, floating a, const floating* x, Py_ssize_t n)
     cdef Py_ssize_t i
     for i in range(n):
         y[i] += a * x[i]
-
-
-cdef inline double _log1pexp(double z) noexcept nogil:
-    # log(1 + exp(z)) without overflow
-    if z > 0:
-        return z + log1p(exp(-z))
-    return log1p(exp(z))
 
 
 cdef inline double _sigmoid(double z) noexcept nogil:
@@ -201,7 +204,7 @@ cdef int _output_delta(const Net* net, floating* z, const floating* y, Py_ssize_
     ``z`` is the output pre-activation (length K), ``y`` the row's target(s).
     """
     cdef Py_ssize_t j, K = net.sizes[net.n_layers], c
-    cdef double zj, r, mx, s, lse, yv, total = 0.0
+    cdef double zj, r, mx, s, lse, yv, e, total = 0.0
     if net.output == OUT_SOFTMAX:
         yv = y[0]
         c = <Py_ssize_t>yv
@@ -226,8 +229,9 @@ cdef int _output_delta(const Net* net, floating* z, const floating* y, Py_ssize_
             if not (yv == 0.0 or yv == 1.0):
                 return ST_BAD_Y
             zj = z[j]
-            total += _log1pexp(zj) - yv * zj
-            delta[j] = <floating>(_sigmoid(zj) - yv)
+            e = exp(-fabs(zj))   # one exp serves the loss and the sigmoid
+            total += (zj if zj > 0 else 0.0) - yv * zj + log1p(e)
+            delta[j] = <floating>((1.0 / (1.0 + e) if zj >= 0 else e / (1.0 + e)) - yv)
         loss[0] = total
         return ST_OK
     for j in range(K):
@@ -387,7 +391,11 @@ cdef Outcome _train(const Net* net, const Hyper* hp, const floating* X, Py_ssize
                 rows[r] = X + idx[start + r] * d
             # warm the cache with the next batch's rows (random order defeats the prefetcher)
             for r in range(start + m, start + 2 * m if start + 2 * m <= n else n):
-                FEDGATE_PREFETCH(X + idx[r] * d)
+                k = idx[r]
+                _prefetch_row(X + k * d, d * sizeof(floating))
+                FEDGATE_PREFETCH(Y + k * ty)
+                if sw != NULL:
+                    FEDGATE_PREFETCH(sw + k)
             _forward(net, w, rows, m, acts)
             # layer-0 pre-activation is non-finite iff the row holds NaN/Inf (or w blew up)
             if L > 1:
