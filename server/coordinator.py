@@ -1,0 +1,549 @@
+"""The round state machine: registry, statistics round, train rounds, commits.
+
+Round 0 is the statistics round (when enabled): every ready agent reports the
+count/mean/M2 of the federation's features, merged into the global scaler. Train
+rounds 1..R then sample ``fraction`` of the ready agents (at least ``min_agents``,
+deterministically from ``seed`` and the round), send each a task with a fresh nonce,
+and aggregate when every sampled agent answered, or at the deadline when at least
+``min_agents`` did; otherwise the round waits (and says why). A committed round is
+checkpointed, written to the history, announced (``committed``), and the new model
+is broadcast; agents then evaluate it.
+
+Exactly-once: tasks are persisted before they are sent; results are accepted only for
+a task of the open round, from the agent it was sent to, once. Agents keep results
+until ``committed`` arrives, so a server killed mid-round resumes the same round
+from its checkpoint and task table and takes the re-sent results again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedgate.core import aggregate as agg
+from fedgate.core import codec
+from fedgate.core.errors import AggregationError, StoreError
+from fedgate.core.protocol import Message, MessageError, MsgType, TaskKind, decode, encode, new_task_id
+from fedgate.server.config import ServerConfig
+from fedgate.server.metrics import ServerMetrics
+from fedgate.server.privacy import PrivacyAccountant, add_noise, clip_update
+from fedgate.server.registry import Registry
+from fedgate.server.spec import FederationModel
+from fedgate.server.store import Checkpoint, CheckpointStore, History, TaskRow
+from fedgate.server.strategies import make_strategy
+from fedgate.server.validate import Rejected, UpdateValidator
+
+__all__ = ["Coordinator", "OpenRound"]
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[bytes, list[Any]], bool]
+_TID_MARK = b'"task_id":"' + b"0" * 32 + b'"'
+
+
+@dataclass
+class OpenRound:
+    """The round in progress (in memory; its tasks are also in the history)."""
+
+    round: int
+    kind: TaskKind
+    tasks: dict[str, str]                      # task_id -> agent
+    started: float
+    deadline: float
+    done: dict[str, str] = field(default_factory=dict)    # task_id -> "accepted" | "rejected"
+    stats: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    weight: float = 0.0
+    rows: list[tuple[str, str, int, dict[str, float]]] = field(default_factory=list)
+    header: bytes = b""
+    waiting_logged: float = 0.0
+
+    @property
+    def accepted(self) -> int:
+        return sum(1 for s in self.done.values() if s == "accepted")
+
+
+class Coordinator:
+    """Runs the federation; the service feeds it messages and calls :meth:`tick`."""
+
+    def __init__(self, cfg: ServerConfig, model: FederationModel, send: Send, *, history: History,
+                 checkpoints: CheckpointStore, metrics: ServerMetrics,
+                 population: Callable[[], int], clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.fed = cfg.federation
+        self.model = model
+        self.send = send
+        self.history = history
+        self.checkpoints = checkpoints
+        self.metrics = metrics
+        self.population = population
+        self.clock = clock
+        self.registry = Registry()
+        self.strategy = make_strategy(cfg.strategy, model.n_params)
+        self.validator = UpdateValidator(model.n_params, cfg.strategy.max_update_norm)
+        self.accountant = PrivacyAccountant(cfg.privacy)
+        self.params = model.initial_params()
+        self.scaler: tuple[np.ndarray, np.ndarray] | None = None
+        self.committed = -1          # last committed round (-1: nothing, 0: statistics)
+        self.have_model = False      # a train round has been committed
+        self.open: OpenRound | None = None
+        self.eval_seen: set[str] = set()
+        self.eval_rows: list[tuple[str, int, str, int, dict[str, float]]] = []
+        self._frames: list[Any] = []
+        self._model_header = b""
+        self._restore()
+
+    # ================================================================ restore / persist
+    def _restore(self) -> None:
+        ckpt, path = self.checkpoints.load_latest()
+        for _ in range(self.checkpoints.fallbacks):
+            self.metrics.checkpoint_fallbacks.inc()
+        if ckpt is None:
+            log.info("no checkpoint: starting federation %s from scratch", self.fed.name)
+        else:
+            meta = ckpt.meta
+            if meta.get("n_params") != self.model.n_params or meta.get("features") != list(self.fed.features):
+                raise StoreError(f"{path}: checkpoint is for a different model or feature list "
+                                 f"(n_params {meta.get('n_params')}, features {meta.get('features')}); "
+                                 f"move {self.checkpoints.dir} away to start over")
+            self.params = np.ascontiguousarray(ckpt.arrays["params"], dtype=np.float32)
+            if "scaler_mean" in ckpt.arrays:
+                self.scaler = (ckpt.arrays["scaler_mean"].astype(np.float32),
+                               ckpt.arrays["scaler_std"].astype(np.float32))
+            self.strategy.load_state({k.split(".", 1)[1]: v for k, v in ckpt.arrays.items()
+                                      if k.startswith("strategy.")})
+            self.accountant = PrivacyAccountant(self.cfg.privacy, meta.get("privacy_rates", []))
+            self.committed = ckpt.round if ckpt.phase == "train" else (0 if ckpt.phase == "statistics" else -1)
+            self.have_model = ckpt.phase == "train" and ckpt.round >= 1
+            log.info("resumed from %s: phase %s, round %d (sha256 of params %s)", path, ckpt.phase, ckpt.round,
+                     _digest(self.params))
+        self.metrics.current_round.set(max(self.committed, 0))
+        self._encode_model()
+        self._reopen()
+
+    def _reopen(self) -> None:
+        """Reopen the interrupted round from the task table, if it has tasks."""
+        rnd, kind = self.next_round()
+        if kind is None:
+            return
+        rows = [t for t in self.history.tasks_of(rnd, kind.value) if t.status != "expired"]
+        if not rows:
+            return
+        now = self.clock()
+        self.open = OpenRound(rnd, kind, {t.task_id: t.agent for t in rows}, now, now + self.fed.round_timeout_s)
+        self._prepare_round(self.open)
+        self.history.set_task_status((t.task_id, "issued") for t in rows)
+        log.info("resuming %s round %d with its %d issued tasks; agents re-send their results",
+                 kind.value, rnd, len(rows))
+
+    def next_round(self) -> tuple[int, TaskKind | None]:
+        """The round to run next (or running): (number, kind), kind None when finished."""
+        if self.committed < 0 and self.fed.statistics:
+            return 0, TaskKind.STATISTICS
+        rnd = max(self.committed, 0) + 1
+        if rnd > self.fed.rounds:
+            return rnd, None
+        return rnd, TaskKind.TRAIN
+
+    def _checkpoint(self, phase: str) -> None:
+        arrays: dict[str, np.ndarray] = {"params": self.params}
+        if self.scaler is not None:
+            arrays["scaler_mean"], arrays["scaler_std"] = self.scaler
+        for name, vec in self.strategy.state().items():
+            arrays[f"strategy.{name}"] = vec
+        meta = {"federation": self.fed.name, "spec": self.model.spec, "features": list(self.fed.features),
+                "label": self.fed.label, "n_params": self.model.n_params, "strategy": self.strategy.name,
+                "privacy_rates": self.accountant.rates}
+        self.checkpoints.save(Checkpoint(round=max(self.committed, 0), phase=phase, arrays=arrays, meta=meta,
+                                         created=time.time()))
+        self.metrics.last_checkpoint.set(time.time())
+
+    def _encode_model(self) -> None:
+        """Encode the global model once; the same frames go to every agent."""
+        self._payload = codec.encode(self.params, self.fed.download_codec)
+        scaler = None if self.scaler is None else {"mean": self.scaler[0].tolist(), "std": self.scaler[1].tolist()}
+        self._scaler_dict = scaler
+        self._model_frames = encode(MsgType.MODEL, {
+            "round": max(self.committed, 0), "spec": self.model.spec, "features": list(self.fed.features),
+            "label": self.fed.label, "scaler": scaler}, self._payload)
+
+    # ================================================================ messages
+    def handle(self, rid: bytes, user_id: str | None, frames: list[Any]) -> None:
+        """One message from the transport (``user_id`` None in insecure mode)."""
+        try:
+            msg = decode(frames)
+        except MessageError as exc:
+            self.metrics.rejected.labels(exc.code.value).inc()
+            log.warning("malformed message from %s refused (%s): %s", user_id or rid.hex(), exc.code.value, exc)
+            self._error(rid, exc.code.value, str(exc))
+            return
+        now = self.clock()
+        if msg.type is MsgType.HELLO:
+            self._on_hello(rid, user_id, msg, now)
+            return
+        agent = self.registry.by_routing_id(rid)
+        if agent is None:
+            self.metrics.rejected.labels("not_registered").inc()
+            self._error(rid, "not_registered", "say hello first")
+            return
+        claimed = msg.fields.get("agent", agent.name)
+        if (user_id is not None and user_id != agent.name) or claimed != agent.name:
+            self._refuse_identity(rid, user_id, claimed, agent.name)
+            return
+        self.registry.touch(agent, now)
+        if msg.type is MsgType.HEARTBEAT:
+            self.send(rid, encode(MsgType.HEARTBEAT, {}))
+        elif msg.type is MsgType.RESULT:
+            self._on_result(rid, agent.name, msg, now)
+        elif msg.type is MsgType.BYE:
+            self.registry.drop(agent.name)
+            self.history.set_agent_state(agent.name, "left")
+            log.info("agent %s said bye", agent.name)
+        else:
+            self.metrics.rejected.labels("unknown_type").inc()
+            self._error(rid, "unknown_type", f"agents do not send {msg.type.value}")
+
+    def _error(self, rid: bytes, code: str, message: str) -> None:
+        self.send(rid, encode(MsgType.ERROR, {"code": code, "message": message[:4000]}))
+
+    def _refuse_identity(self, rid: bytes, user_id: str | None, claimed: str, registered: str | None) -> None:
+        self.metrics.rejected.labels("identity").inc()
+        self.metrics.auth_failures.labels("identity").inc()
+        log.warning("identity mismatch: connection authenticated as %r (registered %r) claims %r; refused",
+                    user_id, registered, claimed)
+        self.history.add_rejection(None, user_id or claimed, None, "identity",
+                                   f"authenticated {user_id!r} claimed {claimed!r}")
+        self._error(rid, "unauthorized", f"this connection may not speak for {claimed!r}")
+
+    def _on_hello(self, rid: bytes, user_id: str | None, msg: Message, now: float) -> None:
+        f = msg.fields
+        name = f["agent"]
+        if user_id is not None and user_id != name:
+            self._refuse_identity(rid, user_id, name, None)
+            return
+        missing = [x for x in self.fed.features if x not in set(f["features"])]
+        if missing:
+            log.warning("agent %s refused: it lacks features %s", name, ", ".join(missing))
+            self.send(rid, encode(MsgType.REFUSE, {
+                "code": "missing_features", "missing": missing,
+                "message": f"federation {self.fed.name} needs features the agent cannot produce: "
+                           + ", ".join(missing)}))
+            return
+        self.registry.register(name, rid, software=f["software"], n_samples=f["n_samples"], now=now)
+        self.history.upsert_agent(name, software=f["software"], n_samples=f["n_samples"], state="ready")
+        self.metrics.agents_connected.set(self.registry.n_alive())
+        log.info("agent %s registered (%s, %d samples)", name, f["software"], f["n_samples"])
+        rnd, _ = self.next_round()
+        self.send(rid, encode(MsgType.WELCOME, {
+            "federation": self.fed.name, "round": rnd, "heartbeat_s": self.cfg.server.heartbeat_s,
+            "spec": self.model.spec, "features": list(self.fed.features), "label": self.fed.label}))
+        if self.have_model:
+            self.send(rid, self._model_frames)
+        op = self.open
+        if op is not None:  # re-send its pending task of the open round (same nonce)
+            for tid, agent in op.tasks.items():
+                if agent == name and tid not in op.done:
+                    self._send_task(op, tid, rid)
+
+    # ---------------------------------------------------------------- results
+    def _on_result(self, rid: bytes, name: str, msg: Message, now: float) -> None:
+        f = msg.fields
+        tid = f["task_id"]
+        op = self.open
+        try:
+            if f["kind"] == TaskKind.EVALUATE.value:
+                self._on_evaluation(name, f)
+                self._ack(rid, tid, "accepted")
+                return
+            if op is None or tid not in op.tasks:
+                row = self.history.task(tid)
+                if row is None:
+                    raise Rejected("unknown_task", f"task {tid} was never issued")
+                raise Rejected("stale_round", f"task {tid} belongs to {row.kind} round {row.round}, "
+                                              f"which is closed")
+            if op.tasks[tid] != name:
+                raise Rejected("identity", f"task {tid} was sent to {op.tasks[tid]}, not {name}")
+            if f["round"] != op.round or f["kind"] != op.kind.value:
+                raise Rejected("wrong_kind", f"task {tid} is {op.kind.value} round {op.round}, result says "
+                                             f"{f['kind']} round {f['round']}")
+            if tid in op.done:
+                self.metrics.rejected.labels("duplicate").inc()
+                self._ack(rid, tid, "duplicate", "already received")
+                return
+            if op.kind is TaskKind.STATISTICS:
+                self._take_stats(op, f)
+            else:
+                self._take_update(op, f, msg.payload)
+        except Rejected as rej:
+            self.metrics.rejected.labels(rej.reason).inc()
+            log.warning("result of %s for task %s refused: %s", name, tid, rej)
+            self.history.add_rejection(f.get("round"), name, tid, rej.reason, rej.detail)
+            if op is not None and tid in op.tasks and op.tasks[tid] == name and tid not in op.done \
+                    and rej.reason not in ("identity", "wrong_kind"):
+                op.done[tid] = "rejected"
+            self._ack(rid, tid, "rejected", rej.reason)
+            return
+        op.done[tid] = "accepted"
+        self.metrics.accepted.labels(op.kind.value).inc()
+        n = f["n_samples"]
+        op.rows.append((tid, name, n, f["metrics"]))
+        for key, value in f["metrics"].items():
+            op.metric_sums[key] = op.metric_sums.get(key, 0.0) + value * max(n, 1)
+        op.weight += max(n, 1)
+        self._ack(rid, tid, "accepted")
+        if len(op.done) == len(op.tasks):
+            self._close(now)
+
+    def _take_stats(self, op: OpenRound, f: dict[str, Any]) -> None:
+        stats = f.get("stats")
+        width = len(self.fed.features)
+        if stats is None or len(stats["mean"]) != width:
+            raise Rejected("size", f"statistics must cover the {width} features")
+        op.stats.append((stats["count"], np.asarray(stats["mean"]), np.asarray(stats["m2"])))
+
+    def _take_update(self, op: OpenRound, f: dict[str, Any], payload: memoryview | None) -> None:
+        if f["n_samples"] < 1:
+            raise Rejected("empty", "a train result must report n_samples >= 1")
+        out = self.strategy.buffer()
+        self.validator.check(payload, self.params, out)
+        weight = float(f["n_samples"])
+        if self.cfg.privacy.enabled:
+            clip_update(out, self.params, self.cfg.privacy.clip_norm, self.validator.scratch)
+            weight = 1.0
+        self.strategy.add(out, weight)
+
+    def _on_evaluation(self, name: str, f: dict[str, Any]) -> None:
+        tid = f["task_id"]
+        if tid in self.eval_seen:
+            raise Rejected("duplicate", f"evaluation {tid} already recorded")
+        row = self.history.task(tid)
+        if row is None or row.kind != TaskKind.EVALUATE.value:
+            raise Rejected("unknown_task", f"evaluation task {tid} was never issued")
+        if row.agent != name:
+            raise Rejected("identity", f"task {tid} was sent to {row.agent}, not {name}")
+        if row.status == "accepted":
+            raise Rejected("duplicate", f"evaluation {tid} already recorded")
+        self.eval_seen.add(tid)
+        self.eval_rows.append((tid, row.round, name, f["n_samples"], f["metrics"]))
+        self.metrics.accepted.labels("evaluate").inc()
+
+    def _ack(self, rid: bytes, tid: str, status: str, reason: str | None = None) -> None:
+        fields: dict[str, Any] = {"task_id": tid, "status": status}
+        if reason:
+            fields["reason"] = reason
+        self.send(rid, encode(MsgType.ACK, fields))
+
+    # ================================================================ the clock
+    def tick(self) -> None:
+        """Deadlines, dead agents, starting rounds; call often (every loop turn)."""
+        now = self.clock()
+        for name in self.registry.expire(now, self.cfg.server.dead_after_s):
+            self.metrics.dead_agents.inc()
+            log.warning("agent %s silent for more than %.0fs: marked dead", name, self.cfg.server.dead_after_s)
+            self.history.set_agent_state(name, "dead")
+        self.metrics.agents_connected.set(self.registry.n_alive())
+        if self.eval_rows:
+            self._flush_evaluations()
+        op = self.open
+        if op is None:
+            self._maybe_start(now)
+        elif now >= op.deadline:
+            self._deadline(op, now)
+
+    def _maybe_start(self, now: float) -> None:
+        rnd, kind = self.next_round()
+        if kind is None:
+            return
+        ready = self.registry.alive_names()
+        need = self.fed.min_agents
+        if len(ready) < need:
+            if now - getattr(self, "_last_wait_log", -1e9) > 30:
+                self._last_wait_log = now
+                log.info("%s round %d waits for agents: %d ready, need %d", kind.value, rnd, len(ready), need)
+            return
+        if kind is TaskKind.STATISTICS:
+            chosen = ready
+        else:
+            k = min(len(ready), max(need, math.ceil(self.fed.fraction * len(ready))))
+            rng = np.random.default_rng([self.fed.seed, rnd])
+            chosen = sorted(rng.choice(ready, size=k, replace=False).tolist())
+        tasks = {new_task_id(): name for name in chosen}
+        self.history.add_tasks(TaskRow(tid, rnd, kind.value, name, time.time(), "issued")
+                               for tid, name in tasks.items())
+        op = OpenRound(rnd, kind, tasks, now, now + self.fed.round_timeout_s)
+        self._prepare_round(op)
+        self.open = op
+        log.info("%s round %d started with %d of %d ready agents", kind.value, rnd, len(chosen), len(ready))
+        for tid, name in tasks.items():
+            agent = self.registry.get(name)
+            if agent is not None:
+                self._send_task(op, tid, agent.routing_id)
+
+    def _prepare_round(self, op: OpenRound) -> None:
+        if op.kind is TaskKind.TRAIN:
+            self.strategy.begin(self.params, expected=len(op.tasks))
+        op.header = self._task_header(op.round, op.kind)
+
+    def _task_header(self, rnd: int, kind: TaskKind) -> bytes:
+        fed = self.fed
+        fields = {
+            "task_id": "0" * 32, "round": rnd, "kind": kind.value, "deadline_s": fed.round_timeout_s,
+            "spec": self.model.spec, "features": list(fed.features), "label": fed.label,
+            "scaler": self._scaler_dict,
+            "hyper": {"epochs": fed.local_epochs, "batch_size": fed.batch_size, "lr": fed.lr,
+                      "lr_schedule": fed.lr_schedule, "l2": fed.l2, "prox_mu": fed.prox_mu},
+            "codec": fed.codec, "codec_params": dict(fed.codec_params),
+        }
+        payload = self._payload if kind is not TaskKind.STATISTICS else None
+        header = encode(MsgType.TASK, fields, payload)[0]
+        assert isinstance(header, bytes) and header.count(_TID_MARK) == 1
+        return header
+
+    def _send_task(self, op: OpenRound, tid: str, rid: bytes, header: bytes | None = None) -> None:
+        head = (header or op.header).replace(_TID_MARK, b'"task_id":"' + tid.encode("ascii") + b'"', 1)
+        frames: list[Any] = [head] if op.kind is TaskKind.STATISTICS else [head, self._payload]
+        self.send(rid, frames)
+
+    def _deadline(self, op: OpenRound, now: float) -> None:
+        if op.accepted >= self.fed.min_agents:
+            missing = sorted(a for t, a in op.tasks.items() if t not in op.done)
+            log.info("%s round %d deadline: closing with %d of %d results (no answer from %s)", op.kind.value,
+                     op.round, op.accepted, len(op.tasks), ", ".join(missing))
+            self._close(now)
+            return
+        missing = sorted(a for t, a in op.tasks.items() if t not in op.done)
+        log.warning("%s round %d deadline passed with %d of %d results, need %d: waiting another %s s "
+                    "(no answer from %s)", op.kind.value, op.round, op.accepted, len(op.tasks),
+                    self.fed.min_agents, f"{self.fed.round_timeout_s:g}", ", ".join(missing))
+        op.deadline = now + self.fed.round_timeout_s
+
+    # ================================================================ commits
+    def _close(self, now: float) -> None:
+        op = self.open
+        assert op is not None
+        if op.accepted < self.fed.min_agents:
+            log.warning("%s round %d: only %d usable results of %d (need %d); re-sampling",
+                        op.kind.value, op.round, op.accepted, len(op.tasks), self.fed.min_agents)
+            self.history.set_task_status((t, "expired") for t in op.tasks)
+            self.open = None
+            return
+        try:
+            if op.kind is TaskKind.STATISTICS:
+                self._commit_statistics(op)
+            else:
+                self._commit_train(op)
+        except AggregationError as exc:
+            log.error("%s round %d could not be aggregated (%s); re-sampling", op.kind.value, op.round, exc)
+            self.history.set_task_status((t, "expired") for t in op.tasks)
+            self.open = None
+            return
+        duration = self.clock() - op.started
+        self.metrics.rounds.labels(op.kind.value).inc()
+        self.metrics.round_duration.observe(duration)
+        self.open = None
+        self._broadcast(op)
+
+    def _record(self, op: OpenRound, epsilon: float | None) -> None:
+        h = self.history
+        metrics = {k: v / op.weight for k, v in op.metric_sums.items()} if op.weight else {}
+        h.add_round(op.round, op.kind.value, started=time.time() - (self.clock() - op.started),
+                    finished=time.time(), n_sampled=len(op.tasks), n_accepted=op.accepted,
+                    n_rejected=len(op.done) - op.accepted, metrics=metrics, epsilon=epsilon)
+        for tid, name, n, m in op.rows:
+            h.add_agent_metrics(tid, op.round, op.kind.value, name, n, m)
+        h.set_task_status(list(op.done.items()) + [(t, "expired") for t in op.tasks if t not in op.done])
+
+    def _commit_statistics(self, op: OpenRound) -> None:
+        count, mean, m2 = agg.merge_stats(op.stats)
+        self.scaler = agg.stats_to_scaler(count, mean, m2)
+        self._record(op, None)
+        self.committed = 0
+        self._checkpoint("statistics")
+        log.info("statistics round committed: scaler from %d samples of %d agents", count, len(op.stats))
+
+    def _commit_train(self, op: OpenRound) -> None:
+        combined = self.strategy.combine()
+        epsilon = None
+        if self.cfg.privacy.enabled:
+            add_noise(combined, self.strategy.count, self.cfg.privacy, (self.fed.seed, op.round, 0xD9))
+            self.accountant.spend(len(op.tasks) / max(1, self.population(), len(op.tasks)))
+            epsilon = self.accountant.epsilon()
+            self.metrics.epsilon.set(epsilon)
+        new = self.strategy.apply(self.params, combined)
+        if not agg.is_finite(new):
+            raise AggregationError("the aggregated model is not finite")
+        self.params = np.ascontiguousarray(new, dtype=np.float32)
+        self._record(op, epsilon)
+        self.committed = op.round
+        self.have_model = True
+        self._checkpoint("train")
+        self.metrics.current_round.set(op.round)
+        log.info("train round %d committed: %d updates%s", op.round, self.strategy.count,
+                 "" if epsilon is None else f", epsilon {epsilon:.3g} at delta {self.cfg.privacy.delta:g}")
+
+    def _broadcast(self, op: OpenRound) -> None:
+        self._encode_model()
+        committed = encode(MsgType.COMMITTED, {"round": op.round})
+        alive = self.registry.alive()
+        for agent in alive:
+            self.send(agent.routing_id, committed)
+        if op.kind is not TaskKind.TRAIN:
+            return
+        for agent in alive:
+            self.send(agent.routing_id, self._model_frames)
+        if self.fed.evaluate and alive:
+            tasks = {new_task_id(): a for a in alive}
+            self.history.add_tasks(TaskRow(tid, op.round, TaskKind.EVALUATE.value, a.name, time.time(), "issued")
+                                   for tid, a in tasks.items())
+            header = self._task_header(op.round, TaskKind.EVALUATE)
+            ev = OpenRound(op.round, TaskKind.EVALUATE, {}, op.started, op.deadline)
+            for tid, a in tasks.items():
+                self._send_task(ev, tid, a.routing_id, header)
+
+    def _flush_evaluations(self) -> None:
+        rows, self.eval_rows = self.eval_rows, []
+        for tid, rnd, name, n, m in rows:
+            self.history.add_agent_metrics(tid, rnd, TaskKind.EVALUATE.value, name, n, m)
+        self.history.set_task_status((r[0], "accepted") for r in rows)
+        for rnd in sorted({r[1] for r in rows}):
+            done = self.history.db.execute(
+                "SELECT n_samples, metrics FROM agent_metrics WHERE round = ? AND kind = 'evaluate'", (rnd,)
+            ).fetchall()
+            sums: dict[str, float] = {}
+            total = 0.0
+            for n, text in done:
+                w = max(int(n or 0), 1)
+                total += w
+                for k, v in json.loads(text).items():
+                    sums[k] = sums.get(k, 0.0) + v * w
+            self.history.add_round(rnd, TaskKind.EVALUATE.value, started=time.time(), finished=time.time(),
+                                   n_sampled=len(done), n_accepted=len(done), n_rejected=0,
+                                   metrics={k: v / total for k, v in sums.items()}, epsilon=None)
+
+    # ================================================================ reports
+    def status(self) -> dict[str, Any]:
+        op = self.open
+        rnd, kind = self.next_round()
+        return {
+            "federation": self.fed.name, "committed_round": self.committed, "next_round": rnd,
+            "phase": "done" if kind is None else kind.value,
+            "open": None if op is None else {"round": op.round, "kind": op.kind.value, "tasks": len(op.tasks),
+                                             "done": len(op.done)},
+            "agents_alive": self.registry.n_alive(),
+            "epsilon": self.accountant.epsilon() if self.cfg.privacy.enabled else None,
+        }
+
+    @property
+    def finished(self) -> bool:
+        return self.open is None and self.next_round()[1] is None
+
+
+def _digest(vec: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(vec)).cast("B")).hexdigest()[:16]

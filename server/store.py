@@ -1,0 +1,341 @@
+"""Server persistence: atomic checksummed checkpoints and the SQLite history.
+
+Checkpoint file format (``ckpt-<seq>.fgc``, no pickle)::
+
+    offset 0   8 bytes   magic b"FGCKPT01"
+    offset 8   4 bytes   header length H, little-endian uint32 (<= 1 MiB)
+    offset 12  H bytes   UTF-8 JSON header:
+                           {"format": 1, "round": int, "phase": str, "created": float,
+                            "meta": {...},
+                            "arrays": [{"name": str, "dtype": "<f4"|"<f8", "length": int,
+                                        "offset": int}, ...]}   offsets from the body start
+    offset 12+H          body: the arrays' raw little-endian bytes, back to back
+    last 32 bytes        SHA-256 of everything before it
+
+Written to a temp file, fsynced, renamed over, directory fsynced; the last N are
+kept. :meth:`CheckpointStore.load_latest` verifies size, digest and every header
+field; a corrupt newest file is reported and the previous one is used.
+
+The history (``history.db``, WAL) holds rounds, per-agent metrics, the issued task
+table (so a restarted server resumes the same round and knows its task nonces),
+participation and rejections.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sqlite3
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedgate.core.errors import StoreError
+
+__all__ = ["Checkpoint", "CheckpointStore", "History", "TaskRow", "read_checkpoint", "write_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"FGCKPT01"
+_MAX_HEADER = 1 << 20
+_DTYPES = {"<f4": np.float32, "<f8": np.float64}
+_NAME_RE = re.compile(r"ckpt-(\d{10})\.fgc\Z")
+
+
+@dataclass
+class Checkpoint:
+    """What a restarted server needs.
+
+    Attributes
+    ----------
+    round : int
+        Last committed train round (0: only the statistics round, if any, is done).
+    phase : str
+        ``"init"`` (nothing committed), ``"statistics"`` (scaler known) or ``"train"``.
+    arrays : dict of str -> 1-D float32/float64 array
+        ``params`` (D,), optional ``scaler_mean``/``scaler_std`` (F,), strategy state
+        under ``strategy.<name>``.
+    meta : dict
+        JSON-safe extras (federation name, spec, features, privacy history, ...).
+    """
+
+    round: int
+    phase: str
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+
+
+def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` atomically (temp file, fsync, rename, directory fsync)."""
+    path = Path(path)
+    arrays = []
+    offset = 0
+    blobs: list[memoryview] = []
+    for name, vec in ckpt.arrays.items():
+        arr = np.ascontiguousarray(vec)
+        dt = arr.dtype.newbyteorder("<").str if arr.dtype.byteorder != "|" else arr.dtype.str
+        if arr.ndim != 1 or dt not in _DTYPES:
+            raise StoreError(f"checkpoint array {name!r}: need 1-D float32/float64, got {arr.dtype} {arr.shape}")
+        arr = arr.astype(dt, copy=False)
+        arrays.append({"name": name, "dtype": dt, "length": int(arr.size), "offset": offset})
+        blobs.append(memoryview(arr).cast("B"))
+        offset += arr.nbytes
+    header = json.dumps({
+        "format": 1, "round": ckpt.round, "phase": ckpt.phase, "created": ckpt.created or time.time(),
+        "meta": ckpt.meta, "arrays": arrays,
+    }, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    if len(header) > _MAX_HEADER:
+        raise StoreError(f"checkpoint header of {len(header)} bytes is too large")
+    digest = hashlib.sha256()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in (MAGIC, struct.pack("<I", len(header)), header, *blobs):
+                fh.write(chunk)
+                digest.update(chunk)
+            fh.write(digest.digest())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise StoreError(f"{path}: cannot write checkpoint: {exc.strerror}") from exc
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read and verify one checkpoint file; any defect raises :class:`StoreError` naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read checkpoint: {exc.strerror}") from exc
+    return parse_checkpoint(data, str(path))
+
+
+def parse_checkpoint(data: bytes, where: str = "<checkpoint>") -> Checkpoint:
+    """Verify and decode checkpoint bytes (see the module docstring for the format)."""
+    if len(data) < len(MAGIC) + 4 + 32 or data[: len(MAGIC)] != MAGIC:
+        raise StoreError(f"{where}: not a fedgate checkpoint (bad magic or truncated)")
+    if hashlib.sha256(data[:-32]).digest() != data[-32:]:
+        raise StoreError(f"{where}: checksum mismatch (corrupt or truncated)")
+    (hlen,) = struct.unpack_from("<I", data, len(MAGIC))
+    body_start = len(MAGIC) + 4 + hlen
+    if hlen > _MAX_HEADER or body_start > len(data) - 32:
+        raise StoreError(f"{where}: header length {hlen} does not fit the file")
+    try:
+        head = json.loads(data[len(MAGIC) + 4: body_start].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise StoreError(f"{where}: header is not JSON: {exc}") from exc
+    body = memoryview(data)[body_start: len(data) - 32]
+    try:
+        if head["format"] != 1:
+            raise StoreError(f"{where}: unknown checkpoint format {head['format']!r}")
+        rnd, phase, meta = head["round"], head["phase"], head["meta"]
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0 or not isinstance(phase, str) \
+                or not isinstance(meta, dict):
+            raise StoreError(f"{where}: bad round/phase/meta in header")
+        arrays: dict[str, np.ndarray] = {}
+        end = 0
+        for spec in head["arrays"]:
+            name, dt, length, offset = spec["name"], spec["dtype"], spec["length"], spec["offset"]
+            if not isinstance(name, str) or dt not in _DTYPES or name in arrays:
+                raise StoreError(f"{where}: bad array entry {spec!r}"[:200])
+            if isinstance(length, bool) or isinstance(offset, bool) or not isinstance(length, int) \
+                    or not isinstance(offset, int) or length < 0 or offset != end:
+                raise StoreError(f"{where}: bad array bounds for {name!r}")
+            nbytes = length * np.dtype(dt).itemsize
+            if offset + nbytes > body.nbytes:
+                raise StoreError(f"{where}: array {name!r} runs past the end of the file")
+            arrays[name] = np.frombuffer(body[offset: offset + nbytes], dtype=_DTYPES[dt]).copy()
+            end = offset + nbytes
+        if end != body.nbytes:
+            raise StoreError(f"{where}: {body.nbytes - end} unexplained bytes after the arrays")
+        created = float(head.get("created", 0.0))
+    except (KeyError, TypeError) as exc:
+        raise StoreError(f"{where}: incomplete checkpoint header ({exc!r})") from exc
+    return Checkpoint(round=rnd, phase=phase, arrays=arrays, meta=meta, created=created)
+
+
+class CheckpointStore:
+    """The checkpoint directory: numbered files, the last ``keep`` kept."""
+
+    def __init__(self, directory: str | os.PathLike[str], keep: int = 5) -> None:
+        self.dir = Path(directory)
+        self.keep = max(1, keep)
+        self.fallbacks = 0
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.dir}: cannot create checkpoint directory: {exc.strerror}") from exc
+
+    def files(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        found = []
+        for p in self.dir.iterdir():
+            m = _NAME_RE.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
+
+    def save(self, ckpt: Checkpoint) -> Path:
+        files = self.files()
+        seq = int(_NAME_RE.match(files[-1].name).group(1)) + 1 if files else 1  # type: ignore[union-attr]
+        path = self.dir / f"ckpt-{seq:010d}.fgc"
+        write_checkpoint(path, ckpt)
+        for old in self.files()[: -self.keep]:
+            try:
+                old.unlink()
+            except OSError as exc:
+                log.warning("cannot remove old checkpoint %s: %s", old, exc.strerror)
+        return path
+
+    def load_latest(self) -> tuple[Checkpoint | None, Path | None]:
+        """The newest valid checkpoint; corrupt newer ones are logged and counted in ``fallbacks``."""
+        for path in reversed(self.files()):
+            try:
+                return read_checkpoint(path), path
+            except StoreError as exc:
+                self.fallbacks += 1
+                log.error("checkpoint %s is unusable, trying the previous one: %s", path, exc)
+        return None, None
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    task_id: str
+    round: int
+    kind: str
+    agent: str
+    issued: float
+    status: str
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER NOT NULL, kind TEXT NOT NULL, started REAL, finished REAL,
+    n_sampled INTEGER, n_accepted INTEGER, n_rejected INTEGER, metrics TEXT, epsilon REAL,
+    PRIMARY KEY (round, kind));
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY, round INTEGER NOT NULL, kind TEXT NOT NULL, agent TEXT NOT NULL,
+    issued REAL NOT NULL, status TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_round ON tasks (round, kind);
+CREATE TABLE IF NOT EXISTS agent_metrics (
+    task_id TEXT PRIMARY KEY, round INTEGER NOT NULL, kind TEXT NOT NULL, agent TEXT NOT NULL,
+    n_samples INTEGER, metrics TEXT, ts REAL);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, round INTEGER, agent TEXT,
+    task_id TEXT, reason TEXT NOT NULL, detail TEXT);
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY, first_seen REAL, last_seen REAL, software TEXT, n_samples INTEGER,
+    state TEXT);
+"""
+
+
+class History:
+    """The SQLite history of a federation (``data_dir/history.db``)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        self.path = str(path)
+        try:
+            if readonly:
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+            else:
+                self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(_SCHEMA)
+                self.db.commit()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open history: {exc}") from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _write(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        try:
+            with self.db:
+                self.db.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: write failed: {exc}") from exc
+
+    # tasks -----------------------------------------------------------------
+    def add_tasks(self, tasks: Iterable[TaskRow]) -> None:
+        self._write("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?)",
+                    [(t.task_id, t.round, t.kind, t.agent, t.issued, t.status) for t in tasks])
+
+    def set_task_status(self, items: Iterable[tuple[str, str]]) -> None:
+        self._write("UPDATE tasks SET status = ? WHERE task_id = ?", [(s, t) for t, s in items])
+
+    def tasks_of(self, round_: int, kind: str) -> list[TaskRow]:
+        rows = self.db.execute("SELECT task_id, round, kind, agent, issued, status FROM tasks "
+                               "WHERE round = ? AND kind = ? ORDER BY issued, agent", (round_, kind)).fetchall()
+        return [TaskRow(*r) for r in rows]
+
+    def task(self, task_id: str) -> TaskRow | None:
+        row = self.db.execute("SELECT task_id, round, kind, agent, issued, status FROM tasks WHERE task_id = ?",
+                              (task_id,)).fetchone()
+        return TaskRow(*row) if row else None
+
+    # results ---------------------------------------------------------------
+    def add_agent_metrics(self, task_id: str, round_: int, kind: str, agent: str, n_samples: int,
+                          metrics: dict[str, float]) -> None:
+        self._write("INSERT OR REPLACE INTO agent_metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(task_id, round_, kind, agent, n_samples, json.dumps(metrics), time.time())])
+
+    def add_round(self, round_: int, kind: str, *, started: float, finished: float, n_sampled: int,
+                  n_accepted: int, n_rejected: int, metrics: dict[str, float], epsilon: float | None) -> None:
+        eps = None if epsilon is None or not math.isfinite(epsilon) else epsilon
+        self._write("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(round_, kind, started, finished, n_sampled, n_accepted, n_rejected,
+                      json.dumps(metrics), eps)])
+
+    def add_rejection(self, round_: int | None, agent: str | None, task_id: str | None, reason: str,
+                      detail: str) -> None:
+        self._write("INSERT INTO rejections (ts, round, agent, task_id, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(time.time(), round_, agent, task_id, reason, detail[:500])])
+
+    def upsert_agent(self, name: str, *, software: str, n_samples: int, state: str) -> None:
+        now = time.time()
+        self._write("INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                    "last_seen = excluded.last_seen, software = excluded.software, "
+                    "n_samples = excluded.n_samples, state = excluded.state",
+                    [(name, now, now, software, n_samples, state)])
+
+    def set_agent_state(self, name: str, state: str) -> None:
+        self._write("UPDATE agents SET state = ?, last_seen = ? WHERE name = ?", [(state, time.time(), name)])
+
+    # reports -----------------------------------------------------------------
+    def summary(self, last: int = 10) -> dict[str, Any]:
+        """Rounds, agents, last metrics and rejection counts, JSON-ready (for ``status``)."""
+        q = self.db.execute
+        rounds = [
+            {"round": r, "kind": k, "started": s, "finished": f, "n_sampled": ns, "n_accepted": na,
+             "n_rejected": nr, "metrics": json.loads(m or "{}"), "epsilon": e}
+            for r, k, s, f, ns, na, nr, m, e in q(
+                "SELECT * FROM rounds ORDER BY finished DESC LIMIT ?", (last,)).fetchall()
+        ]
+        agents = [
+            {"name": n, "first_seen": fs, "last_seen": ls, "software": sw, "n_samples": ns, "state": st}
+            for n, fs, ls, sw, ns, st in q("SELECT * FROM agents ORDER BY name").fetchall()
+        ]
+        rejections = dict(q("SELECT reason, COUNT(*) FROM rejections GROUP BY reason").fetchall())
+        n_train = q("SELECT COUNT(*) FROM rounds WHERE kind = 'train'").fetchone()[0]
+        return {"rounds": list(reversed(rounds)), "train_rounds": n_train, "agents": agents,
+                "rejections": rejections}

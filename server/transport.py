@@ -1,0 +1,320 @@
+"""The server's ZeroMQ side: one ROUTER socket, CURVE + ZAP allow-list, a monitor.
+
+* CURVE server with the secret key from ``server.secret_key`` (mode 0600 enforced);
+  ZAP domain ``fedgate`` with ``ZAP_ENFORCE_DOMAIN`` so authentication is never
+  silently skipped.
+* :class:`KeyAuthenticator` (a ``ThreadAuthenticator``) admits exactly the public keys
+  of ``agents_dir/*.key`` and gives each connection the key file's stem as ZAP
+  User-Id; a refused key is logged at WARNING with the peer address. On
+  :meth:`Transport.reload_keys` (SIGHUP) the directory is read again; a removed
+  agent's next message is refused by the per-message User-Id re-check.
+* Limits: ``MAXMSGSIZE`` (a larger frame disconnects the peer before anything is
+  allocated), bounded HWMs, ``HANDSHAKE_IVL``, ZMTP heartbeats, bounded ``LINGER``,
+  ``ROUTER_MANDATORY`` so a send to a vanished peer fails instead of vanishing.
+* A socket monitor counts handshake failures (auth / protocol) and disconnects.
+
+Frames are received with ``copy=False``: the payload reaches the decoder as a view
+on libzmq's buffer. zmq exceptions never leave this module (they become
+:class:`~fedgate.core.errors.SecurityError` or a ``False`` return).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
+
+from fedgate.core.errors import ConfigError, SecurityError
+from fedgate.core.keys import load_keypair, public_keys_in
+
+__all__ = ["ZAP_DOMAIN", "Incoming", "KeyAuthenticator", "Transport", "TransportLimits", "generate_keypair"]
+
+log = logging.getLogger(__name__)
+
+ZAP_DOMAIN = "fedgate"
+_MIN_LIBZMQ = (4, 3, 2)
+
+
+@dataclass
+class Incoming:
+    """One message from a peer.
+
+    ``user_id`` is the ZAP User-Id (the agent name) on a CURVE connection, ``None``
+    in insecure mode; ``frames`` are the application frames (``zmq.Frame``).
+    """
+
+    routing_id: bytes
+    user_id: str | None
+    frames: list[Any]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    max_message_size: int = 64 * 2**20
+    queue_depth: int = 64
+    handshake_timeout_s: float = 5.0
+    heartbeat_s: float = 5.0
+    dead_after_s: float = 15.0
+    linger_s: float = 1.0
+
+
+class KeyAuthenticator(ThreadAuthenticator):
+    """ZAP handler: CURVE keys of an allow-list, User-Id = the agent name."""
+
+    def __init__(self, context: zmq.Context, on_refused: Callable[[str, str], None] | None = None) -> None:
+        super().__init__(context, log=logging.getLogger(__name__ + ".zap"))
+        self._names: dict[bytes, str] = {}
+        self._address = ""
+        self._on_refused = on_refused
+
+    def set_keys(self, keys: dict[str, str]) -> None:
+        """Replace the allow-list: ``{agent name: z85 public key}`` (atomic swap)."""
+        self._names = {key.encode("ascii"): name for name, key in keys.items()}
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._names.values())
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) >= 4:
+            self._address = msg[3].decode("utf-8", "replace")
+        await super().handle_zap_message(msg)
+
+    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+        z85_key = z85.encode(client_key)
+        if domain != ZAP_DOMAIN:
+            log.warning("refused connection from %s: ZAP domain %r", self._address, domain)
+            return False, b"Unknown domain"
+        if z85_key in self._names:
+            return True, b"OK"
+        key_text = z85_key.decode("ascii", "replace")
+        log.warning("refused CURVE key %s from %s: not in the allow-list", key_text, self._address)
+        if self._on_refused is not None:
+            self._on_refused(key_text, self._address)
+        return False, b"Unknown key"
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self._names.get(z85.encode(client_public_key), "")
+
+
+class Transport:
+    """The ROUTER socket and everything that guards it.
+
+    Parameters
+    ----------
+    bind : str
+        ``tcp://HOST:PORT`` (port 0 picks a free one; see :attr:`endpoint`).
+    secret_key_path, agents_dir : str
+        The server's ``.key_secret`` and the allow-list directory (CURVE mode).
+    insecure : bool
+        No CURVE and no allow-list; the claimed agent name is trusted.
+    limits : TransportLimits
+    on_event : callable(kind, detail), optional
+        Told about ``auth_failed`` / ``handshake_failed`` / ``disconnected`` /
+        ``connected`` / ``revoked`` events (metrics hook).
+    """
+
+    def __init__(self, bind: str, *, secret_key_path: str = "", agents_dir: str = "", insecure: bool = False,
+                 limits: TransportLimits | None = None,
+                 on_event: Callable[[str, str], None] | None = None) -> None:
+        if zmq.zmq_version_info() < _MIN_LIBZMQ:
+            raise SecurityError(f"libzmq {zmq.zmq_version()} is too old (CVE-2019-13132); need >= 4.3.2")
+        self.limits = limits or TransportLimits()
+        self.insecure = insecure
+        self.agents_dir = agents_dir
+        self._on_event = on_event or (lambda kind, detail: None)
+        self.ctx = zmq.Context()
+        self.auth: KeyAuthenticator | None = None
+        self.sock: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        try:
+            self._open(bind, secret_key_path)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ setup
+    def _open(self, bind: str, secret_key_path: str) -> None:
+        lim = self.limits
+        sock = self.ctx.socket(zmq.ROUTER)
+        self.sock = sock
+        sock.setsockopt(zmq.LINGER, int(lim.linger_s * 1000))
+        sock.setsockopt(zmq.MAXMSGSIZE, lim.max_message_size)
+        sock.setsockopt(zmq.RCVHWM, lim.queue_depth)
+        sock.setsockopt(zmq.SNDHWM, lim.queue_depth)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(lim.handshake_timeout_s * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(lim.heartbeat_s * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(lim.dead_after_s * 1000)))
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if not self.insecure:
+            if not zmq.has("curve"):
+                raise SecurityError("this libzmq has no CURVE support")
+            public, secret = load_keypair(secret_key_path)
+            self.auth = KeyAuthenticator(self.ctx, on_refused=lambda key, addr: None)
+            self.auth.start()
+            self._load_keys()
+            sock.curve_secretkey = secret.encode("ascii")
+            sock.curve_publickey = public.encode("ascii")
+            sock.curve_server = True
+            sock.zap_domain = ZAP_DOMAIN.encode("ascii")
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        events = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.monitor = sock.get_monitor_socket(events)
+        try:
+            sock.bind(bind)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot bind: {exc}", key="server.bind", value=bind) from exc
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        log.info("listening on %s (%s, max message %d bytes)", self.endpoint,
+                 "INSECURE: no CURVE, no allow-list" if self.insecure else "CURVE with allow-list",
+                 lim.max_message_size)
+
+    def _load_keys(self) -> int:
+        assert self.auth is not None
+        keys = public_keys_in(self.agents_dir)
+        self.auth.set_keys(keys)
+        return len(keys)
+
+    def reload_keys(self) -> int | None:
+        """Re-read the allow-list (SIGHUP); keeps the old one if the directory is broken.
+
+        Returns the number of keys now allowed, or None when nothing was reloaded.
+        """
+        if self.auth is None:
+            return None
+        try:
+            n = self._load_keys()
+        except SecurityError as exc:
+            log.error("key reload failed, keeping the previous allow-list: %s", exc)
+            return None
+        log.info("allow-list reloaded: %d agent keys from %s", n, self.agents_dir)
+        return n
+
+    def allowed_names(self) -> frozenset[str] | None:
+        """Agent names of the current allow-list (None in insecure mode)."""
+        return None if self.auth is None else self.auth.names
+
+    # ------------------------------------------------------------ I/O
+    def poll(self, timeout_s: float, max_messages: int = 256) -> list[Incoming]:
+        """Wait up to ``timeout_s`` and return the messages that arrived (never raises zmq errors)."""
+        assert self.sock is not None
+        try:
+            ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EINTR:
+                return []
+            raise
+        if self.monitor in ready:
+            self._drain_monitor()
+        out: list[Incoming] = []
+        if self.sock not in ready:
+            return out
+        names = self.allowed_names()
+        while len(out) < max_messages:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EINTR:
+                    break
+                raise
+            nbytes = sum(len(f) for f in frames)
+            self.bytes_in += nbytes
+            rid = frames[0].bytes
+            user_id: str | None = None
+            if not self.insecure:
+                user_id = frames[-1].get("User-Id") or ""
+                if names is not None and user_id not in names:
+                    log.warning("message from revoked or unknown identity %r refused", user_id)
+                    self._on_event("revoked", user_id)
+                    user_id = ""
+            out.append(Incoming(rid, user_id, frames[1:], nbytes))
+        return out
+
+    def send(self, routing_id: bytes, frames: list[Any]) -> bool:
+        """Send one message to a peer without blocking; False if it is gone or its queue is full."""
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.debug("send queue of peer %s full, message dropped", routing_id.hex())
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+        self.bytes_out += sum(len(f) if not isinstance(f, zmq.Frame) else len(f.buffer) for f in frames)
+        return True
+
+    def _drain_monitor(self) -> None:
+        assert self.monitor is not None
+        while True:
+            try:
+                if not self.monitor.poll(0):
+                    return
+                event = recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)
+            except (zmq.ZMQError, ValueError):
+                return
+            kind = event.get("event")
+            peer = event.get("endpoint", b"")
+            peer = peer.decode("utf-8", "replace") if isinstance(peer, bytes) else str(peer)
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                log.info("handshake from %s refused by ZAP (status %s)", peer, event.get("value"))
+                self._on_event("auth_failed", peer)
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                log.warning("handshake from %s failed (protocol error %s)", peer, event.get("value"))
+                self._on_event("handshake_failed", peer)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                log.debug("peer %s disconnected", peer)
+                self._on_event("disconnected", peer)
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._on_event("connected", peer)
+
+    # ------------------------------------------------------------ teardown
+    def close(self) -> None:
+        """Close the sockets, stop the ZAP thread, terminate the context (bounded by LINGER)."""
+        if self.sock is not None:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+        if self.monitor is not None:
+            self.monitor.close(0)
+            self.monitor = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        self.ctx.term()
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def generate_keypair(directory: str | os.PathLike[str], name: str) -> tuple[str, str]:
+    """Make a CURVE key pair with libzmq and write ``NAME.key`` + 0600 ``NAME.key_secret``."""
+    from fedgate.core.keys import write_keypair
+
+    public, secret = zmq.curve_keypair()
+    pub_path, sec_path = write_keypair(directory, name, public.decode("ascii"), secret.decode("ascii"))
+    return str(pub_path), str(sec_path)

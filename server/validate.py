@@ -1,0 +1,74 @@
+"""Checks every update passes before it reaches a strategy.
+
+An update (the agent's new local parameters) is refused when it does not decode, has
+the wrong size, holds a NaN or an infinity, or moved further than
+``max_update_norm`` (L2) from the global model it was trained from. Each refusal
+has a reason, used as the ``reason`` label of
+``fedgate_server_updates_rejected_total`` and stored in the history.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedgate.core import aggregate as agg
+from fedgate.core import codec
+from fedgate.core.errors import FedgateError
+
+__all__ = ["Rejected", "UpdateValidator"]
+
+
+@dataclass
+class Rejected(Exception):
+    """An update or result refused; ``reason`` is a short label, ``detail`` says why."""
+
+    reason: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+class UpdateValidator:
+    """Decodes and checks updates against the current global model (D float32 params).
+
+    One scratch vector of D float32 is reused for every update, so checking costs no
+    per-agent allocation beyond the decoded vector itself.
+    """
+
+    def __init__(self, dim: int, max_update_norm: float) -> None:
+        self.dim = dim
+        self.max_update_norm = float(max_update_norm)
+        self.scratch = np.empty(dim, dtype=np.float32)
+
+    def check(self, payload: memoryview | bytes | None, global_params: np.ndarray,
+              out: np.ndarray) -> float:
+        """Decode ``payload`` into ``out`` (float32 (D,)) and check it; returns the update norm.
+
+        The length announced by the codec header is checked before anything is decoded.
+
+        Raises
+        ------
+        Rejected
+            With reason ``decode``, ``size``, ``nonfinite`` or ``norm``.
+        """
+        if payload is None:
+            raise Rejected("decode", "a train result needs a payload")
+        try:
+            head = codec.read_header(payload)
+        except FedgateError as exc:
+            raise Rejected("decode", str(exc)) from None
+        if head.count != self.dim:
+            raise Rejected("size", f"update has {head.count} values, the model has {self.dim}")
+        try:
+            codec.decode(payload, out=out)
+        except FedgateError as exc:
+            raise Rejected("decode", str(exc)) from None
+        if not agg.is_finite(out):
+            raise Rejected("nonfinite", f"update has a non-finite value at index {agg.first_nonfinite(out)}")
+        np.subtract(out, global_params, out=self.scratch)
+        norm = agg.l2_norm(self.scratch)
+        if not norm <= self.max_update_norm:
+            raise Rejected("norm", f"update norm {norm:.4g} exceeds max_update_norm {self.max_update_norm:g}")
+        return norm
