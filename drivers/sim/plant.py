@@ -160,8 +160,8 @@ PROFILES: dict[str, Profile] = {
             life_min=60.0, shocks_per_h=0.5, noise=0.7, repair_min=5.0,
         ),
         Profile(
-            name="new-line", load=0.7, load_swing=0.15, ambient_c=22.0, life_min=300.0,
-            shocks_per_h=0.0, noise=0.8, initial_health=1.0, fault_free_s=10800.0,
+            name="new-line", load=0.7, load_swing=0.15, ambient_c=22.0, life_min=480.0,
+            shocks_per_h=0.0, noise=0.8, initial_health=1.0, fault_free_s=21600.0,
         ),
     )
 }

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from pymodbus import FramerType
 from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import NoSuchIdException
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -49,6 +50,34 @@ _FC_READ_COILS, _FC_WRITE_COIL, _FC_WRITE_COILS = 1, 5, 15
 _FC_DISCRETE, _FC_HOLDING, _FC_INPUT = 2, 3, 4
 _FC_HOLDING_WRITES = (6, 16, 22, 23)
 _MAX_STEPS_PER_TICK = 100_000
+
+
+class _Units:
+    """The server's datastore with unknown unit ids reported as missing devices.
+
+    pymodbus' simulator core answers an unknown id with "device failure"; a real
+    RS485 line stays silent and a TCP gateway answers "gateway target failed to
+    respond" (exception 0x0B), which is what this wrapper makes the server do.
+    """
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+        self._ids = set(core.device_ids())
+
+    def _known(self, device_id: int) -> None:
+        if device_id not in self._ids:
+            raise NoSuchIdException(f"unit id {device_id} is not served")
+
+    async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1) -> Any:
+        self._known(device_id)
+        return await self._core.async_getValues(device_id, func_code, address, count)
+
+    async def async_setValues(self, device_id: int, func_code: int, address: int, values: Any) -> Any:
+        self._known(device_id)
+        return await self._core.async_setValues(device_id, func_code, address, values)
+
+    def device_ids(self) -> list[int]:
+        return list(self._core.device_ids())
 
 
 class Transport(str, enum.Enum):
@@ -184,6 +213,7 @@ class PlantServer:
         """Listen on ``host:port`` (0 picks a free port); returns the port."""
         self._check_not_serving()
         self._server = ModbusTcpServer(self._devices, framer=FramerType.SOCKET, address=(host, port))
+        self._server.context = _Units(self._server.context)  # type: ignore[assignment]
         try:
             await self._server.serve_forever(background=True)
         except (RuntimeError, OSError) as exc:
@@ -206,6 +236,7 @@ class PlantServer:
             self._devices, framer=FramerType.RTU, port=path, baudrate=baudrate, parity=parity,
             stopbits=stopbits, bytesize=8, timeout=1.0, ignore_missing_devices=True,
         )
+        self._server.context = _Units(self._server.context)  # type: ignore[assignment]
         try:
             await self._server.serve_forever(background=True)
         except (RuntimeError, OSError) as exc:
@@ -334,6 +365,13 @@ class ServerThread:
             coro.close()
             raise RuntimeError("ServerThread not started")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start a coroutine (e.g. a sensor stream) in the server's loop; cancel the future to stop it."""
+        if self._loop is None:
+            coro.close()
+            raise RuntimeError("ServerThread not started")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def close(self) -> None:
         if self._thread is None:

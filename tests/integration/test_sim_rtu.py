@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from pymodbus.client import ModbusSerialClient
+from pymodbus.exceptions import ModbusException
 
 from fedgate.drivers.sim.plant import PROFILES, Plant
 from fedgate.drivers.sim.ptylink import PtyLink
@@ -29,4 +31,13 @@ def test_rtu_two_units_on_one_line(tmp_path):
             assert client.read_discrete_inputs(0, count=2, device_id=10).bits[:2] == [bool(plant.fault[0]), bool(plant.health[0] < 0.5)]
         finally:
             client.close()
+        # a unit that is not on the line stays silent, and the line keeps working
+        quiet = ModbusSerialClient(link.b_path, baudrate=19200, timeout=0.3, retries=0)
+        assert quiet.connect()
+        try:
+            with pytest.raises(ModbusException):
+                quiet.read_input_registers(0, count=2, device_id=42)
+            assert not quiet.read_input_registers(0, count=2, device_id=10).isError()
+        finally:
+            quiet.close()
     assert link.bytes_a_to_b > 0 and link.bytes_b_to_a > 0

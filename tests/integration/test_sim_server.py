@@ -179,3 +179,10 @@ def test_server_arguments_are_checked():
         PlantServer(plant, unit_id=0)
     with pytest.raises(ValueError, match="speed"):
         PlantServer(plant, speed=-1)
+
+
+def test_unknown_unit_id_is_a_missing_device(sim):
+    _, client = sim
+    rr = client.read_input_registers(0, count=2, device_id=UNIT + 5)
+    assert rr.isError() and rr.exception_code == 0x0B  # gateway target failed to respond
+    assert not client.read_input_registers(0, count=2, device_id=UNIT).isError()  # still serving

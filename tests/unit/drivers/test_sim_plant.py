@@ -99,7 +99,7 @@ def test_new_line_holds_no_fault_in_its_first_part_then_faults_later():
     tr = plant.run(first)
     assert not tr.fault.any(), "fault inside the fault-free part"
     assert not fault_within(tr.fault, 300).any()
-    plant.step(int(prof.life_min * 60 * 1.5) - first)
+    plant.step(int(prof.life_min * 60 * 1.3) - first)
     assert np.all(plant.fault_count >= 1), "a new line wears out eventually, like the others"
 
 
