@@ -1,0 +1,278 @@
+"""The agent's side of a federated round: the uplink's :class:`TaskHandler`.
+
+* ``statistics`` — count, mean and M2 (sum of squared deviations) of every task
+  feature over the stored samples, in the task's feature order (the server merges
+  them into the global scaler).
+* ``train`` — the task's model, started from the global parameters, trained with the
+  task's hyper-parameters on the stored samples scaled by the global scaler
+  (FedProx when ``prox_mu > 0``). The most recent ``val_fraction`` of the samples
+  is held out for validation, and the samples whose windows or labels reach into
+  it (``window + horizon`` before its first sample) are dropped from training, so
+  no look-ahead leaks from validation into training.
+* ``evaluate`` — the global model scored on all stored samples.
+
+Metrics: ``loss`` (training, after the update), ``n_train``, ``n_val`` and, on the
+held-out part, ``val_loss`` plus ``val_accuracy``, ``val_f1``, ``val_roc_auc``
+(classifiers) or ``val_mae``, ``val_r2`` (regression). Evaluate tasks report the same
+names without the ``val_`` prefix. Undefined metrics (e.g. AUC with one class) are
+left out rather than sent as NaN.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedgate.agent.config import SamplesConfig
+from fedgate.agent.evaluation import accuracy, f1_score, mean_absolute_error, r2_score, roc_auc
+from fedgate.agent.store import SampleSet, Store
+from fedgate.agent.uplink_types import GlobalModel, HelloInfo, Task, TaskOutcome
+from fedgate.core.errors import ConfigError, TrainingError
+
+__all__ = ["Trainer", "TrainerState", "scale_features", "split_holdout", "feature_stats", "score_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerState:
+    """What ``status`` shows about the federation side."""
+
+    last_round: int | None = None
+    last_kind: str | None = None
+    last_task_ts: float | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    model_round: int | None = None
+    model_ts: float | None = None
+    tasks_done: int = 0
+    tasks_failed: int = 0
+
+
+def feature_stats(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(count, mean, m2)`` of the columns of ``x`` (n, F); mean and m2 float64 (F,)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    n = int(x64.shape[0])
+    if n == 0:
+        return 0, np.zeros(x64.shape[1]), np.zeros(x64.shape[1])
+    mean = x64.mean(axis=0)
+    dev = x64 - mean
+    return n, mean, np.einsum("ij,ij->j", dev, dev)
+
+
+def scale_features(x: np.ndarray, scaler: dict[str, Any] | None) -> np.ndarray:
+    """``(x - mean) / std`` with the federation's scaler; float32 (n, F).
+
+    A standard deviation of 0 (a constant feature) divides by 1.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if scaler is None:
+        return np.ascontiguousarray(x)
+    mean = np.asarray(scaler.get("mean"), dtype=np.float32)
+    std = np.asarray(scaler.get("std"), dtype=np.float32)
+    if mean.shape != (x.shape[1],) or std.shape != (x.shape[1],):
+        raise TrainingError(f"the scaler has {mean.size}/{std.size} entries for {x.shape[1]} features")
+    std = np.where(np.isfinite(std) & (std > 0), std, np.float32(1.0))
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def split_holdout(ts: np.ndarray, val_fraction: float, gap_s: float, *, min_rows: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, val)`` of time-ordered rows: the newest ``val_fraction`` is held out.
+
+    Training rows ending less than ``gap_s`` before the first held-out row are dropped
+    (their label window or feature window overlaps the held-out period). With fewer
+    than ``min_rows`` rows nothing is held out.
+    """
+    n = int(ts.shape[0])
+    n_val = int(round(n * val_fraction)) if n >= min_rows and val_fraction > 0 else 0
+    if n_val == 0:
+        return np.arange(n), np.arange(0)
+    first_val = n - n_val
+    t_val = ts[first_val]
+    train = np.flatnonzero(ts[:first_val] <= t_val - gap_s - 1e-9)
+    return train, np.arange(first_val, n)
+
+
+def _targets(spec: Any, y: np.ndarray) -> np.ndarray | None:
+    from fedgate.core.model import ModelKind
+
+    if spec.kind is ModelKind.AUTOENCODER:
+        return None
+    if spec.is_classifier:
+        if spec.n_outputs == 1:
+            return (y > 0.5).astype(np.int64)
+        return np.clip(np.rint(y), 0, spec.n_outputs - 1).astype(np.int64)
+    return y.astype(np.float64)
+
+
+def score_model(model: Any, x: np.ndarray, y: np.ndarray | None, *, prefix: str = "") -> dict[str, float]:
+    """Loss and the kind's metrics of ``model`` on scaled ``x`` (n, F) and targets ``y``."""
+    from fedgate.core.model import ModelKind
+
+    if x.shape[0] == 0:
+        return {}
+    spec = model.spec
+    out = {f"{prefix}loss": model.loss(x, y)}
+    if spec.kind is ModelKind.AUTOENCODER:
+        pass
+    elif spec.is_classifier:
+        assert y is not None
+        proba = model.predict_proba(x)
+        pred = proba.argmax(axis=1)
+        out[f"{prefix}accuracy"] = accuracy(y, pred)
+        out[f"{prefix}f1"] = f1_score(y, pred, n_classes=max(2, spec.n_outputs))
+        if proba.shape[1] == 2:
+            out[f"{prefix}roc_auc"] = roc_auc(y, proba[:, 1])
+    else:
+        assert y is not None
+        pred = model.predict(x)
+        out[f"{prefix}mae"] = mean_absolute_error(y, pred)
+        out[f"{prefix}r2"] = r2_score(y, pred)
+    return {k: float(v) for k, v in out.items() if np.isfinite(v)}
+
+
+class Trainer:
+    """Runs the server's tasks on the local store (implements the uplink's TaskHandler).
+
+    ``on_global_model`` is called with every global model once it is persisted (the
+    predictor switches to it).
+    """
+
+    def __init__(self, store: Store, samples: SamplesConfig, *, val_fraction: float = 0.2,
+                 on_global_model: Callable[[Any], None] | None = None, seed: int = 0) -> None:
+        self.store = store
+        self.samples = samples
+        self.val_fraction = val_fraction
+        self.on_global_model = on_global_model
+        self.seed = seed
+        self.state = TrainerState()
+        self._lock = threading.Lock()
+
+    def reconfigure(self, samples: SamplesConfig) -> None:
+        """Take a new ``[samples]`` section (after a reload)."""
+        self.samples = samples
+
+    # ------------------------------------------------------------------ TaskHandler
+    def hello_info(self) -> HelloInfo:
+        return HelloInfo(features=list(self.samples.feature_names), n_samples=self.store.count())
+
+    def on_model(self, model: GlobalModel) -> None:
+        """Persist the global model first, then hand it to the predictor."""
+        params = np.asarray(model.params, dtype=np.float32)
+        self.store.save_model(round=model.round, spec=dict(model.spec), features=list(model.features),
+                              label=model.label, scaler=model.scaler, params=params)
+        self.state.model_round = int(model.round)
+        self.state.model_ts = time.time()
+        log.info("global model of round %d stored (%d parameters)", model.round, params.size)
+        if self.on_global_model is not None:
+            self.on_global_model(model)
+
+    def run_task(self, task: Task, global_params: np.ndarray | None) -> TaskOutcome:
+        """Run one task (blocking; called in the uplink's worker thread)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            try:
+                self._check_features(task.features)
+                if task.kind == "statistics":
+                    data = self.store.load_samples(task.features, labelled=False)
+                    count, mean, m2 = feature_stats(data.x)
+                    outcome = TaskOutcome(n_samples=count, metrics={"n_samples": float(count)},
+                                          stats=(count, mean, m2))
+                elif task.kind == "train":
+                    outcome = self._train(task, global_params)
+                elif task.kind == "evaluate":
+                    outcome = self._evaluate(task, global_params)
+                else:
+                    raise TrainingError(f"unknown task kind {task.kind!r}")
+            except Exception:
+                self.state.tasks_failed += 1
+                raise
+            self.state.tasks_done += 1
+            self.state.last_round = int(task.round)
+            self.state.last_kind = str(task.kind)
+            self.state.last_task_ts = time.time()
+            self.state.last_metrics = dict(outcome.metrics)
+        log.info("%s task of round %d done in %.2fs on %d samples: %s", task.kind, task.round,
+                 time.perf_counter() - t0, outcome.n_samples,
+                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(outcome.metrics.items())))
+        return outcome
+
+    # ------------------------------------------------------------------ internals
+    def _check_features(self, features: Sequence[str]) -> None:
+        have = set(self.samples.feature_names)
+        missing = [f for f in features if f not in have]
+        if missing:
+            raise TrainingError(f"this agent cannot produce the features {', '.join(missing)} "
+                                f"(it has {', '.join(self.samples.feature_names)})")
+
+    def _model(self, task: Any, global_params: np.ndarray | None) -> Any:
+        from fedgate.core.model import Model, ModelSpec
+
+        try:
+            spec = ModelSpec.from_dict(task.spec)
+        except ConfigError as exc:
+            raise TrainingError(f"the task's model spec is invalid: {exc}") from exc
+        if spec.n_features != len(task.features):
+            raise TrainingError(f"the spec takes {spec.n_features} features, the task lists {len(task.features)}")
+        seed = (self.seed * 1_000_003 + int(task.round)) & ((1 << 63) - 1)
+        model = Model(spec, seed=seed)
+        if global_params is not None:
+            try:
+                model.params = global_params
+            except ConfigError as exc:
+                raise TrainingError(f"the global parameters do not fit the model: {exc}") from exc
+        return model
+
+    def _data(self, task: Any) -> tuple[SampleSet, np.ndarray]:
+        label = self.samples.label
+        if label is not None and task.label and task.label != label.name:
+            raise TrainingError(f"the task's label {task.label!r} is not this agent's label {label.name!r}")
+        data = self.store.load_samples(task.features, labelled=True)
+        if len(data) == 0:
+            raise TrainingError("no labelled samples stored yet")
+        return data, scale_features(data.x, task.scaler)
+
+    def _train(self, task: Task, global_params: np.ndarray | None) -> TaskOutcome:
+        model = self._model(task, global_params)
+        data, x = self._data(task)
+        gap = self.samples.window_s + (self.samples.label.horizon_s if self.samples.label else 0.0)
+        train, val = split_holdout(data.ts, self.val_fraction, gap)
+        if train.size == 0:
+            raise TrainingError(f"too few samples to train ({len(data)} stored)")
+        y = _targets(model.spec, data.y)
+        y_train = None if y is None else y[train]
+        hyper = dict(task.hyper)
+        prox_mu = float(hyper.get("prox_mu", 0.0) or 0.0)
+        reference = None
+        if prox_mu > 0:
+            if global_params is None:
+                raise TrainingError("FedProx (prox_mu > 0) needs the global parameters")
+            reference = np.asarray(global_params, dtype=np.float32)
+        try:
+            model.fit(x[train], y_train, epochs=int(hyper.get("epochs", 1)), batch_size=int(hyper.get("batch_size", 32)),
+                      lr=float(hyper.get("lr", 0.01)), lr_schedule=str(hyper.get("lr_schedule", "constant")),
+                      l2=float(hyper.get("l2", 0.0)), prox_mu=prox_mu, reference=reference)
+        except ConfigError as exc:
+            raise TrainingError(f"the task's hyper-parameters are invalid: {exc}") from exc
+        metrics = score_model(model, x[train], y_train)
+        if val.size:
+            metrics.update(score_model(model, x[val], None if y is None else y[val], prefix="val_"))
+        metrics["n_train"] = float(train.size)
+        metrics["n_val"] = float(val.size)
+        return TaskOutcome(n_samples=int(train.size), metrics=metrics, params=model.params)
+
+    def _evaluate(self, task: Task, global_params: np.ndarray | None) -> TaskOutcome:
+        if global_params is None:
+            stored = self.store.load_model()
+            if stored is None:
+                raise TrainingError("no global model to evaluate")
+            global_params = stored.params
+        model = self._model(task, global_params)
+        data, x = self._data(task)
+        y = _targets(model.spec, data.y)
+        metrics = score_model(model, x, y)
+        return TaskOutcome(n_samples=len(data), metrics=metrics)
