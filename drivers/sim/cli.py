@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -28,12 +29,12 @@ from typing import Any, TextIO
 from fedgate.core.errors import ConfigError, FedgateError
 from fedgate.core.logs import setup_logging
 from fedgate.core.units import parse_duration
-from fedgate.drivers.sim.plant import PROFILES, SIGNALS, Plant, fault_within
+from fedgate.drivers.sim.plant import PROFILES, SIGNALS, Plant, Profile, fault_within
 from fedgate.drivers.sim.ptylink import PtyLink, PtyWriter, open_pty_writer
 from fedgate.drivers.sim.sensor import SensorEmitter, SensorFormat
 from fedgate.drivers.sim.server import PlantServer
 
-__all__ = ["main", "build_parser", "dump_csv", "CSV_COLUMNS"]
+__all__ = ["main", "build_parser", "dump_csv", "apply_overrides", "CSV_COLUMNS"]
 
 log = logging.getLogger("fedgate.sim")
 
@@ -72,6 +73,24 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_OVERRIDABLE = {f.name: f.type for f in dataclasses.fields(Profile) if f.name not in ("name", "kind")}
+
+
+def apply_overrides(profiles: Sequence[Profile], overrides: Sequence[str]) -> list[Profile]:
+    """Profiles with ``KEY=VALUE`` overrides applied (numbers only); ValueError names the bad one."""
+    changes: dict[str, float] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _OVERRIDABLE:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(_OVERRIDABLE))}")
+        try:
+            changes[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {value!r} is not a number") from None
+    return [dataclasses.replace(p, **changes) for p in profiles]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedgate-sim", description="Simulated plant served over Modbus (fedgate).")
     where = ap.add_argument_group("serving (one Modbus transport)")
@@ -84,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     plant = ap.add_argument_group("plant")
     plant.add_argument("--profile", type=_profiles, default=["standard"],
                        help=f"profile per machine, comma-separated (one machine each): {', '.join(PROFILES)}")
+    plant.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="override a profile field for every machine, e.g. life_min=120 (repeatable)")
     plant.add_argument("--seed", type=int, default=0, help="plant seed (default 0)")
     plant.add_argument("--speed", type=float, default=1.0, help="plant seconds per real second (default 1)")
     plant.add_argument("--dt", type=_duration, default=1.0, help="plant time per step (default 1s)")
@@ -208,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      ("--horizon", args.horizon > 0), ("--sensor-machine", 0 <= args.sensor_machine < len(args.profile))):
         if not ok:
             ap.error(f"{name} = {getattr(args, name[2:].replace('-', '_'))!r} is out of range")
-    plant = Plant([PROFILES[n] for n in args.profile], seed=args.seed, dt_s=args.dt)
+    try:
+        profiles = apply_overrides([PROFILES[n] for n in args.profile], args.overrides)
+    except ValueError as exc:
+        ap.error(str(exc))
+    plant = Plant(profiles, seed=args.seed, dt_s=args.dt)
     try:
         if args.dump_csv is not None:
             if args.dump_csv < 1:

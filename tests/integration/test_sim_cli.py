@@ -141,7 +141,8 @@ def test_dump_csv_to_file_and_bad_arguments(tmp_path):
     lines = out.read_text().splitlines()
     assert len(lines) == 51 and lines[1].startswith("1,1,0,1,light,")
     for bad in (["--tcp", "nohost"], ["--tcp", "127.0.0.1:0", "--rtu", "/dev/null"], ["--profile", "nope", "--dump-csv", "1"],
-                ["--tcp", "127.0.0.1:0", "--speed", "-1"]):
+                ["--tcp", "127.0.0.1:0", "--speed", "-1"], ["--dump-csv", "1", "--set", "nope=1"],
+                ["--dump-csv", "1", "--set", "load=abc"], ["--dump-csv", "1", "--set", "load=9"]):
         res = subprocess.run([sys.executable, "-m", "fedgate.drivers.sim.cli", *bad], capture_output=True, text=True, timeout=60)
         assert res.returncode == 2, (bad, res.stderr)
         assert "fedgate-sim: error:" in res.stderr

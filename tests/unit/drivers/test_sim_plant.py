@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from fedgate.drivers.sim import plant as plant_mod
-from fedgate.drivers.sim.cli import CSV_COLUMNS, dump_csv
+from fedgate.drivers.sim.cli import CSV_COLUMNS, apply_overrides, dump_csv
 from fedgate.drivers.sim.plant import FAULT_HEALTH, PROFILES, SIGNALS, Plant, Profile, fault_within
 
 
@@ -131,6 +131,17 @@ def test_profile_validation_names_the_value():
         Plant([])
     with pytest.raises(ValueError):
         Plant([PROFILES["standard"]], dt_s=0)
+
+
+def test_profile_overrides():
+    (p,) = apply_overrides([PROFILES["new-line"]], ["life_min=60", "shocks_per_h= 2"])
+    assert p.life_min == 60.0 and p.shocks_per_h == 2.0 and p.name == "new-line"
+    fast = Plant([p], seed=0)
+    fast.step(int(60 * 60 * 1.5))
+    assert fast.fault_count[0] >= 1
+    for bad in (["kind=pump"], ["life_min"], ["life_min=x"], ["life_min=-1"]):
+        with pytest.raises(ValueError):
+            apply_overrides([PROFILES["standard"]], bad)
 
 
 def test_fault_within_matches_brute_force():
