@@ -69,7 +69,8 @@ class FederationSection:
     features: tuple[str, ...] = option(doc="ordered feature names every agent must provide")
     label: str = option()
     rounds: int = option(ge=0, le=10**9, doc="train rounds to run (0: statistics only)")
-    min_agents: int = option(1, ge=1, le=10**6)
+    min_agents: int = option(1, ge=1, le=10**6, doc="sample at least, and close a round with at least, this many")
+    min_available: int = option(0, ge=0, le=10**6, doc="ready agents needed before a round starts (0: min_agents)")
     fraction: float = option(1.0, gt=0, le=1)
     round_timeout_s: float = option(60.0, toml="round_timeout", unit="duration", gt=0)
     local_epochs: int = option(1, ge=0, le=100_000)
@@ -156,6 +157,9 @@ def parse_config(doc: dict[str, Any], *, file: str = "<config>", base_dir: str =
     if server.dead_after_s < server.heartbeat_s:
         raise ConfigError("must be at least server.heartbeat", file=file, key="server.dead_after",
                           value=server.dead_after_s)
+    if fed.min_available and fed.min_available < fed.min_agents:
+        raise ConfigError("must be 0 or at least min_agents", file=file, key="federation.min_available",
+                          value=fed.min_available)
     if not fed.features:
         raise ConfigError("at least one feature is required", file=file, key="federation.features")
     if len(set(fed.features)) != len(fed.features):

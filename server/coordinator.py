@@ -363,10 +363,11 @@ class Coordinator:
             return
         ready = self.registry.alive_names()
         need = self.fed.min_agents
-        if len(ready) < need:
+        if len(ready) < max(need, self.fed.min_available):
             if now - getattr(self, "_last_wait_log", -1e9) > 30:
                 self._last_wait_log = now
-                log.info("%s round %d waits for agents: %d ready, need %d", kind.value, rnd, len(ready), need)
+                log.info("%s round %d waits for agents: %d ready, need %d", kind.value, rnd, len(ready),
+                         max(need, self.fed.min_available))
             return
         if kind is TaskKind.STATISTICS:
             chosen = ready

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+import zmq.utils.garbage
 
 from fedgate.core import codec
 from fedgate.core.keys import load_public_key
@@ -21,6 +22,10 @@ from fedgate.core.protocol import Message, MsgType, decode, encode
 from fedgate.server.config import ServerConfig, load_config
 from fedgate.server.service import Server
 from fedgate.server.transport import generate_keypair
+
+# pyzmq's zero-copy sends start one process-wide garbage-collector thread on first use;
+# start it now so it exists before every test instead of looking like a leak of one.
+zmq.utils.garbage.gc.start()
 
 FEATURES = ["t", "p", "v"]
 SPEC = {"kind": "linear", "n_features": 3, "n_outputs": 1}
@@ -42,39 +47,40 @@ def make_keys(root: Path, agents: list[str]) -> dict[str, Any]:
     return out
 
 
-def write_config(root: Path, *, keys: dict[str, Any] | None = None, federation: str = "", strategy: str = "",
-                 privacy: str = "", server: str = "") -> Path:
-    sec = (f'secret_key = "{keys["server_secret"]}"\nagents_dir = "{keys["agents_dir"]}"\n' if keys
-           else "insecure = true\n")
-    text = f"""
-[server]
-bind = "tcp://127.0.0.1:0"
-data_dir = "{root / 'data'}"
-metrics = ""
-heartbeat = "1s"
-dead_after = "3s"
-{sec}{server}
-[federation]
-name = "test-line"
-features = {FEATURES!r}
-label = "y"
-rounds = 3
-min_agents = 2
-round_timeout = "20s"
-evaluate = false
-{federation}
-[federation.model]
-kind = "linear"
-n_features = 3
-n_outputs = 1
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(v)
 
-[strategy]
-{strategy}
-[privacy]
-{privacy}
-"""
+
+def write_config(root: Path, *, keys: dict[str, Any] | None = None, federation: dict[str, Any] | None = None,
+                 strategy: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
+                 server: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> Path:
+    """A server.toml for tests: loopback, port 0, short heartbeats; tables override the defaults."""
+    srv: dict[str, Any] = {"bind": "tcp://127.0.0.1:0", "data_dir": str(root / "data"), "metrics": "",
+                           "heartbeat": "1s", "dead_after": "3s"}
+    if keys:
+        srv.update(secret_key=keys["server_secret"], agents_dir=keys["agents_dir"])
+    else:
+        srv["insecure"] = True
+    srv.update(server or {})
+    fed: dict[str, Any] = {"name": "test-line", "features": FEATURES, "label": "y", "rounds": 3, "min_agents": 2,
+                           "round_timeout": "20s", "evaluate": False}
+    fed.update(federation or {})
+    tables = {"server": srv, "federation": fed, "federation.model": dict(model or SPEC),
+              "strategy": dict(strategy or {}), "privacy": dict(privacy or {})}
+    text = "".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in t.items()) + "\n"
+                   for name, t in tables.items())
     path = root / "server.toml"
-    path.write_text(text.replace("'", '"'))
+    path.write_text(text)
     return path
 
 
@@ -137,6 +143,7 @@ class Agent:
         if keys is not None:
             pub, sec = keys["agents"][key_name or name] if (key_name or name) in keys["agents"] \
                 else zmq.curve_keypair()
+            self.public_key = pub.decode() if isinstance(pub, bytes) else pub
             self.sock.curve_publickey = pub.encode() if isinstance(pub, str) else pub
             self.sock.curve_secretkey = sec.encode() if isinstance(sec, str) else sec
             self.sock.curve_serverkey = keys["server_public"].encode()
