@@ -116,6 +116,7 @@ class PlantServer:
         self.rtu_path: str | None = None
         self.maintenance_requests = 0
         self.writes = 0
+        self.skipped_steps = 0
         self._server: ModbusTcpServer | ModbusSerialServer | None = None
         self._clock: asyncio.Task[None] | None = None
         self._internal = False
@@ -272,8 +273,16 @@ class PlantServer:
             now = time.monotonic()
             owed += (now - last) * self.speed / self.plant.dt_s
             last = now
-            n = min(int(owed), _MAX_STEPS_PER_TICK)
-            owed -= int(owed)
+            n = int(owed)
+            owed -= n
+            # after a stall (suspend, overloaded host) the plant skips time rather than
+            # blocking the event loop to catch up
+            cap = max(1, min(_MAX_STEPS_PER_TICK, int(10 * self.tick_s * self.speed / self.plant.dt_s) + 1))
+            if n > cap:
+                if not self.skipped_steps:
+                    log.warning("plant clock cannot keep up at speed %s; skipping plant time", self.speed)
+                self.skipped_steps += n - cap
+                n = cap
             if n:
                 faults_before = int(self.plant.fault_count.sum())
                 self.plant.step(n)

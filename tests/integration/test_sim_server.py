@@ -186,3 +186,12 @@ def test_unknown_unit_id_is_a_missing_device(sim):
     rr = client.read_input_registers(0, count=2, device_id=UNIT + 5)
     assert rr.isError() and rr.exception_code == 0x0B  # gateway target failed to respond
     assert not client.read_input_registers(0, count=2, device_id=UNIT).isError()  # still serving
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from fedgate.drivers.sim import server as server_mod
+
+    result = doctest.testmod(server_mod)
+    assert result.attempted >= 2 and result.failed == 0
