@@ -34,7 +34,8 @@ cdef extern from *:
         uint32_t a = x & 0x7fffffffu;
         uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
         uint32_t sub = fg_f2u(fg_u2f(a) + 0.5f) - 0x3f000000u;
-        return (uint16_t)(sign | (a < 0x38800000u ? sub : normal));
+        uint32_t m = 0u - (uint32_t)(a < 0x38800000u);  /* bit masks, not branches: vectorises */
+        return (uint16_t)(sign | (sub & m) | (normal & ~m));
     }
 
     /* float16 bits -> float32: exact for every pattern (subnormals, Inf and NaN too). */
@@ -43,8 +44,9 @@ cdef extern from *:
         uint32_t em = (uint32_t)h & 0x7fffu;
         uint32_t normal = (em << 13) + 0x38000000u;
         uint32_t special = 0x7f800000u | ((em & 0x3ffu) << 13);
-        uint32_t sub = fg_f2u((float)em * 5.9604644775390625e-08f);
-        uint32_t bits = em < 0x400u ? sub : (em >= 0x7c00u ? special : normal);
+        uint32_t sub = fg_f2u((float)(int32_t)em * 5.9604644775390625e-08f);
+        uint32_t ms = 0u - (uint32_t)(em < 0x400u), mi = 0u - (uint32_t)(em >= 0x7c00u);
+        uint32_t bits = (sub & ms) | (special & mi & ~ms) | (normal & ~mi & ~ms);
         return fg_u2f(sign | bits);
     }
 
@@ -56,12 +58,85 @@ cdef extern from *:
         x ^= x >> 15;
         return (float)(x >> 8) * 5.9604644775390625e-08f;
     }
+
+    /* Array loops, compiled for AVX-512, AVX2 and the baseline on x86-64 Linux/GCC
+       (function multi-versioning: the loader picks the best for the CPU). */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
+    #define FG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+    #else
+    #define FG_CLONES
+    #endif
+
+    /* max over i of the bits of |v[i] (+ r[i])|: >= 0x7f800000 means Inf or NaN */
+    FG_CLONES static uint32_t fg_maxabs_bits(const float* __restrict v, const float* __restrict r,
+                                             Py_ssize_t n) {
+        uint32_t m = 0;
+        if (r == NULL) {
+            for (Py_ssize_t i = 0; i < n; i++) { uint32_t a = fg_f2u(v[i]) & 0x7fffffffu; m = a > m ? a : m; }
+        } else {
+            for (Py_ssize_t i = 0; i < n; i++) { uint32_t a = fg_f2u(v[i] + r[i]) & 0x7fffffffu; m = a > m ? a : m; }
+        }
+        return m;
+    }
+
+    /* q = floor(x * inv + u) clamped to [-127, 127] (shifted by 128 so truncation is floor);
+       with r: x = v + r and r receives x - q * scale */
+    FG_CLONES static void fg_q8_block(const float* __restrict v, float* __restrict r, int8_t* __restrict q,
+                                      Py_ssize_t n, float scale, float inv, uint32_t seed, uint32_t base) {
+        if (r == NULL) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                float t = v[i] * inv + fg_uniform(seed, base + (uint32_t)i) + 128.0f;
+                t = t > 1.0f ? t : 1.0f;
+                t = t < 255.0f ? t : 255.0f;
+                q[i] = (int8_t)((int32_t)t - 128);
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                float x = v[i] + r[i];
+                float t = x * inv + fg_uniform(seed, base + (uint32_t)i) + 128.0f;
+                t = t > 1.0f ? t : 1.0f;
+                t = t < 255.0f ? t : 255.0f;
+                int32_t qi = (int32_t)t - 128;
+                q[i] = (int8_t)qi;
+                r[i] = x - (float)qi * scale;
+            }
+        }
+    }
+
+    FG_CLONES static void fg_q8_dequant(const int8_t* __restrict q, float* __restrict out, Py_ssize_t n,
+                                        float scale) {
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = (float)q[i] * scale;
+    }
+
+    FG_CLONES static void fg_f2h_array(const float* __restrict v, float* __restrict r, uint16_t* __restrict h,
+                                       Py_ssize_t n) {
+        if (r == NULL) {
+            for (Py_ssize_t i = 0; i < n; i++) h[i] = fg_f2h(v[i]);
+        } else {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                float x = v[i] + r[i];
+                uint16_t b = fg_f2h(x);
+                h[i] = b;
+                r[i] = x - fg_h2f(b);
+            }
+        }
+    }
+
+    FG_CLONES static void fg_h2f_array(const uint16_t* __restrict h, float* __restrict out, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = fg_h2f(h[i]);
+    }
     """
     uint32_t fg_f2u(float f) nogil
     float fg_u2f(uint32_t u) nogil
     uint16_t fg_f2h(float f) nogil
     float fg_h2f(uint16_t h) nogil
     float fg_uniform(uint32_t seed, uint32_t i) nogil
+    uint32_t fg_maxabs_bits(const float* v, const float* r, Py_ssize_t n) nogil
+    void fg_q8_block(const float* v, float* r, int8_t* q, Py_ssize_t n, float scale, float inv,
+                     uint32_t seed, uint32_t base) nogil
+    void fg_q8_dequant(const int8_t* q, float* out, Py_ssize_t n, float scale) nogil
+    void fg_f2h_array(const float* v, float* r, uint16_t* h, Py_ssize_t n) nogil
+    void fg_h2f_array(const uint16_t* h, float* out, Py_ssize_t n) nogil
 
 cdef Py_ssize_t HEADER = 24
 cdef Py_ssize_t CRC_AT = 20
@@ -97,24 +172,15 @@ cdef inline float _x(const float* v, const float* res, Py_ssize_t i) noexcept no
 
 
 def max_abs(const float[::1] vec, object residual):
-    """max |vec + residual| (residual may be None)."""
-    cdef const float* v = &vec[0]
+    """max |vec + residual| (residual may be None); Inf or NaN if any value is not finite."""
     cdef const float* r = NULL
     cdef const float[::1] rv
-    cdef Py_ssize_t i, n = vec.shape[0]
-    cdef uint32_t m = 0, a
+    cdef uint32_t m
     if residual is not None:
         rv = residual
         r = &rv[0]
     with nogil:
-        if r == NULL:
-            for i in range(n):
-                a = fg_f2u(v[i]) & 0x7fffffffu
-                m = a if a > m else m
-        else:
-            for i in range(n):
-                a = fg_f2u(v[i] + r[i]) & 0x7fffffffu
-                m = a if a > m else m
+        m = fg_maxabs_bits(&vec[0], r, vec.shape[0])
     return fg_u2f(m)
 
 
@@ -139,35 +205,20 @@ def decode_f32(const uint8_t[::1] buf, float[::1] out):
 # ---------------------------------------------------------------------------- f16
 
 def encode_f16(const float[::1] vec, float[::1] residual, const uint8_t[::1] header):
-    """residual (or an empty array) receives x - f16(x) when given."""
-    cdef Py_ssize_t i, n = vec.shape[0]
-    cdef bint ef = residual.shape[0] == n
+    """residual (or an empty array) receives x - f16(x) when given. |x| < 65520 (checked)."""
+    cdef Py_ssize_t n = vec.shape[0]
+    cdef float* r = &residual[0] if residual.shape[0] == n else NULL
     cdef char* data
     cdef bytes out = _new_buffer(header, 2 * n, &data)
-    cdef uint16_t* h = <uint16_t*>(data + HEADER)
-    cdef const float* v = &vec[0]
-    cdef float* r
-    cdef float x
     with nogil:
-        if not ef:
-            for i in range(n):
-                h[i] = fg_f2h(v[i])
-        else:
-            r = &residual[0]
-            for i in range(n):
-                x = v[i] + r[i]
-                h[i] = fg_f2h(x)
-                r[i] = x - fg_h2f(h[i])
+        fg_f2h_array(&vec[0], r, <uint16_t*>(data + HEADER), n)
     _seal(out, data)
     return out
 
 
 def decode_f16(const uint8_t[::1] buf, float[::1] out):
-    cdef Py_ssize_t i, n = out.shape[0]
-    cdef const uint16_t* h = <const uint16_t*>&buf[HEADER]
     with nogil:
-        for i in range(n):
-            out[i] = fg_h2f(h[i])
+        fg_h2f_array(<const uint16_t*>&buf[HEADER], &out[0], out.shape[0])
 
 
 # ----------------------------------------------------------------------------- q8
@@ -176,35 +227,29 @@ def encode_q8(const float[::1] vec, float[::1] residual, Py_ssize_t block, uint3
               const uint8_t[::1] header):
     """Per block: scale = max|x| / 127 (float32), q = floor(x / scale + u), u ~ U[0, 1).
 
-    Layout after the header: nblocks float32 scales, then n int8 codes.
+    Layout after the header: nblocks float32 scales, then n int8 codes. Returns
+    None if a value is not finite (nothing is sent).
     """
     cdef Py_ssize_t n = vec.shape[0]
     cdef Py_ssize_t nb = (n + block - 1) // block
-    cdef bint ef = residual.shape[0] == n
     cdef char* data
     cdef bytes out = _new_buffer(header, 4 * nb + n, &data)
-    cdef float* scales = <float*>(data + HEADER)
+    cdef char* scales = data + HEADER
     cdef int8_t* q = <int8_t*>(data + HEADER + 4 * nb)
     cdef const float* v = &vec[0]
-    cdef float* r = &residual[0] if ef else NULL
-    cdef Py_ssize_t b, i, c0, c1
-    cdef uint32_t m, a
-    cdef float scale, inv, t, x
-    cdef int32_t qi
-    cdef float lo = 1.0, hi = 255.0, mid = 128.0
+    cdef float* r = &residual[0] if residual.shape[0] == n else NULL
+    cdef Py_ssize_t b, c0, width
+    cdef uint32_t m
+    cdef bint bad = False
+    cdef float scale, inv
     with nogil:
         for b in range(nb):
             c0 = b * block
-            c1 = min(c0 + block, n)
-            m = 0
-            if r == NULL:
-                for i in range(c0, c1):
-                    a = fg_f2u(v[i]) & 0x7fffffffu
-                    m = a if a > m else m
-            else:
-                for i in range(c0, c1):
-                    a = fg_f2u(v[i] + r[i]) & 0x7fffffffu
-                    m = a if a > m else m
+            width = min(block, n - c0)
+            m = fg_maxabs_bits(v + c0, r + c0 if r != NULL else NULL, width)
+            if m >= 0x7f800000u:
+                bad = True
+                break
             if m < 0x00800000u:  # all zero or subnormal: send zeros
                 scale = 0.0
                 inv = 0.0
@@ -213,23 +258,11 @@ def encode_q8(const float[::1] vec, float[::1] residual, Py_ssize_t block, uint3
                 if <double>scale * 127.0 > 3.4028234663852886e38:  # keep 127 * scale finite
                     scale = nextafterf(scale, 0.0)
                 inv = 127.0 / fg_u2f(m)
-            memcpy(&scales[b], &scale, 4)
-            if r == NULL:
-                for i in range(c0, c1):
-                    # shifted by 128 so truncation equals floor; clamp to [-127, 127]
-                    t = v[i] * inv + fg_uniform(seed, <uint32_t>i) + mid
-                    t = t if t > lo else lo
-                    t = t if t < hi else hi
-                    q[i] = <int8_t>(<int32_t>t - 128)
-            else:
-                for i in range(c0, c1):
-                    x = v[i] + r[i]
-                    t = x * inv + fg_uniform(seed, <uint32_t>i) + mid
-                    t = t if t > lo else lo
-                    t = t if t < hi else hi
-                    qi = <int32_t>t - 128
-                    q[i] = <int8_t>qi
-                    r[i] = x - <float>qi * scale
+            memcpy(scales + 4 * b, &scale, 4)
+            fg_q8_block(v + c0, r + c0 if r != NULL else NULL, q + c0, width, scale, inv, seed,
+                        <uint32_t>c0)
+    if bad:
+        return None
     _seal(out, data)
     return out
 
@@ -240,8 +273,7 @@ def decode_q8(const uint8_t[::1] buf, Py_ssize_t block, float[::1] out):
     cdef Py_ssize_t nb = (n + block - 1) // block
     cdef const uint8_t* p = &buf[HEADER]
     cdef const int8_t* q = <const int8_t*>(p + 4 * nb)
-    cdef Py_ssize_t b, i, c0, c1, bad = -1
-    cdef float scale
+    cdef Py_ssize_t b, c0, bad = -1
     cdef uint32_t bits
     with nogil:
         for b in range(nb):
@@ -249,11 +281,8 @@ def decode_q8(const uint8_t[::1] buf, Py_ssize_t block, float[::1] out):
             if bits >= 0x7f800000u:  # negative (sign bit set), Inf or NaN
                 bad = b
                 break
-            scale = fg_u2f(bits)
             c0 = b * block
-            c1 = min(c0 + block, n)
-            for i in range(c0, c1):
-                out[i] = <float>q[i] * scale
+            fg_q8_dequant(q + c0, &out[c0], min(block, n - c0), fg_u2f(bits))
     return bad
 
 

@@ -56,8 +56,8 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.floating[Any]]
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-# above this many updates the coordinate-wise rules use introselect instead of a network
-_NETWORK_MAX_N = 64
+# above this many updates the coordinate-wise rules use introselect instead of a sorting network
+_NETWORK_MAX_N = 4096
 
 
 # --------------------------------------------------------------------------- checks

@@ -195,9 +195,8 @@ def encode(
     n = arr.shape[0]
     if not 1 <= n <= _MAX_COUNT:
         raise ProtocolError(f"vec has {n} values: must be 1..{_MAX_COUNT}")
-    bad = _agg.first_nonfinite(arr)
-    if bad >= 0:
-        raise ProtocolError(f"cannot encode a non-finite value: vec[{bad}] = {float(arr[bad])!r}")
+    if c in (Codec.F32, Codec.TOPK):  # q8 and f16 find non-finite values in their max |x| pass
+        _refuse_nonfinite(arr)
     residual = np.empty(0, dtype=np.float32)
     if state is not None:
         if not isinstance(state, ErrorFeedback) or state.dim != n:
@@ -223,9 +222,12 @@ def encode(
         param = topk_count(n, float(k))
     elif c is Codec.F16:
         peak = float(_k.max_abs(arr, ef))
+        if not math.isfinite(peak):
+            _refuse_nonfinite(arr)
+            raise ProtocolError("vec + residual overflows float32")
         if not peak < F16_LIMIT:
             raise ProtocolError(f"f16 cannot carry |x| = {peak!r} (limit 65504); use f32 or q8")
-    if c in (Codec.Q8, Codec.TOPK) and ef is not None and not math.isfinite(float(_k.max_abs(arr, ef))):
+    if c is Codec.TOPK and ef is not None and not math.isfinite(float(_k.max_abs(arr, ef))):
         raise ProtocolError("vec + residual overflows float32")
     header = _HEADER.pack(MAGIC, VERSION, _IDS[c], 0, n, param, 0)
     if c is Codec.F32:
@@ -233,8 +235,18 @@ def encode(
     if c is Codec.F16:
         return _k.encode_f16(arr, residual, header)
     if c is Codec.Q8:
-        return _k.encode_q8(arr, residual, param, int(seed), header)
+        buf = _k.encode_q8(arr, residual, param, int(seed), header)
+        if buf is None:
+            _refuse_nonfinite(arr)
+            raise ProtocolError("vec + residual overflows float32")
+        return buf
     return _k.encode_topk(arr, residual, param, header)
+
+
+def _refuse_nonfinite(arr: npt.NDArray[np.float32]) -> None:
+    bad = _agg.first_nonfinite(arr)
+    if bad >= 0:
+        raise ProtocolError(f"cannot encode a non-finite value: vec[{bad}] = {float(arr[bad])!r}")
 
 
 def _as_bytes_view(buf: Any) -> memoryview:

@@ -319,3 +319,20 @@ def test_header_fields_are_checked(field, value, match):
     buf = bytearray(struct.pack("<4sBBHIII", *fields) + VALID[0][20:])
     with pytest.raises(ProtocolError, match=match):
         codec.decode(_reseal(buf))
+
+
+@pytest.mark.parametrize("name", ["f32", "f16", "q8", "topk"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_every_codec_refuses_non_finite_input(name, bad):
+    vec = np.ones(1000, dtype=np.float32)
+    vec[700] = bad
+    with pytest.raises(ProtocolError, match=r"vec\[700\]"):
+        codec.encode(vec, name, block=64)
+
+
+@pytest.mark.parametrize("name", ["f16", "q8", "topk"])
+def test_residual_overflow_is_refused(name):
+    ef = codec.ErrorFeedback(3)
+    ef.residual[:] = 3e38
+    with pytest.raises(ProtocolError, match="overflows float32"):
+        codec.encode(np.full(3, 3e38, dtype=np.float32), name, state=ef)
