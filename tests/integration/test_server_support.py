@@ -136,6 +136,7 @@ class Agent:
     def __init__(self, endpoint: str, name: str, *, keys: dict[str, Any] | None = None,
                  key_name: str | None = None, ctx: zmq.Context | None = None) -> None:
         self.name = name
+        self.stash: list[Message] = []
         self.own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -162,6 +163,10 @@ class Agent:
 
     def expect(self, msg_type: MsgType, timeout_s: float = 20.0, skip: tuple[MsgType, ...] = (
             MsgType.HEARTBEAT, MsgType.MODEL, MsgType.COMMITTED)) -> Message:
+        """The next message of ``msg_type``; ``skip`` types are passed over (skipped tasks are kept
+        and handed out by the next ``expect(TASK)``)."""
+        if msg_type is MsgType.TASK and self.stash:
+            return self.stash.pop(0)
         deadline = time.monotonic() + timeout_s
         while True:
             msg = self.recv(max(0.01, deadline - time.monotonic()))
@@ -169,6 +174,8 @@ class Agent:
                 return msg
             if msg.type not in skip:
                 raise AssertionError(f"{self.name}: expected {msg_type.value}, got {msg.type.value} {msg.fields}")
+            if msg.type is MsgType.TASK:
+                self.stash.append(msg)
 
     def silent(self, timeout_s: float = 0.5) -> bool:
         return not self.sock.poll(int(timeout_s * 1000))
