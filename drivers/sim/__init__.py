@@ -4,11 +4,12 @@
   null-modem cable and a line writer for serial-sensor rigs.
 - :class:`Plant`, :class:`Profile`, :data:`PROFILES` (``plant``): vectorised,
   seeded machine degradation model with faults, maintenance and labels.
-- :class:`PlantServer` (``server``): the plant served over Modbus TCP or RTU.
+- :class:`PlantServer`, :class:`ServerThread` (``server``): the plant served over
+  Modbus TCP or RTU; the register map is data in ``regmap``.
 - :class:`SensorEmitter` (``sensor``): the plant as a line-protocol serial sensor.
 
-Names load lazily, so ``from fedgate.drivers.sim import PtyLink`` imports neither
-numpy nor pymodbus.
+Names load lazily: ``from fedgate.drivers.sim import PtyLink`` loads neither the
+plant model nor the Modbus server.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ _LAZY: dict[str, str] = {
     "fault_within": "fedgate.drivers.sim.plant",
     "PlantServer": "fedgate.drivers.sim.server",
     "ServerThread": "fedgate.drivers.sim.server",
+    "SensorEmitter": "fedgate.drivers.sim.sensor",
+    "SensorFormat": "fedgate.drivers.sim.sensor",
+    "nmea_checksum": "fedgate.drivers.sim.sensor",
 }
 
 __all__ = sorted(_LAZY)
