@@ -154,3 +154,23 @@ def test_unopenable_serial_port_fails_cleanly(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert res.returncode == 1 and "missing-tty" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_rtu_on_a_given_serial_path(tmp_path):
+    from fedgate.drivers.sim.ptylink import PtyLink
+
+    with PtyLink(a_link=str(tmp_path / "sim-side"), b_link=str(tmp_path / "agent-side")) as link:
+        proc, info = _start(tmp_path, "--rtu", link.a_path, "--unit-id", "9", "--speed", "0", "--seed", "3")
+        try:
+            assert info["transport"] == "rtu" and info["rtu_path"] == link.a_path and info["unit_ids"] == [9]
+            client = ModbusSerialClient(link.b_path, baudrate=19200, timeout=5, retries=3)
+            assert client.connect()
+            try:
+                rr = client.read_input_registers(60, count=4, device_id=9)
+                assert not rr.isError(), rr
+                assert _u(rr.registers) == 1  # paused clock: the one step taken before serving
+            finally:
+                client.close()
+        finally:
+            rc, err = _stop(proc)
+        assert rc == 0, err
