@@ -162,7 +162,7 @@ class Agent:
         return decode(self.sock.recv_multipart(copy=False))
 
     def expect(self, msg_type: MsgType, timeout_s: float = 20.0, skip: tuple[MsgType, ...] = (
-            MsgType.HEARTBEAT, MsgType.MODEL, MsgType.COMMITTED)) -> Message:
+            MsgType.HEARTBEAT, MsgType.MODEL, MsgType.COMMITTED, MsgType.ACK)) -> Message:
         """The next message of ``msg_type``; ``skip`` types are passed over (skipped tasks are kept
         and handed out by the next ``expect(TASK)``)."""
         if msg_type is MsgType.TASK and self.stash:
