@@ -67,8 +67,10 @@ def bench_noise(cid: int, dim: int) -> np.ndarray:
 class SynthHandler:
     """A :class:`~fedgate.agent.uplink.TaskHandler` on :func:`agent_data`."""
 
-    def __init__(self, seed: int, n_samples: int, n_features: int, model_out: Path | None) -> None:
+    def __init__(self, seed: int, n_samples: int, n_features: int, model_out: Path | None,
+                 train_delay_s: float = 0.0) -> None:
         self.seed = seed
+        self.train_delay_s = train_delay_s
         self.features = [f"f{i}" for i in range(n_features)]
         self.X, self.y = agent_data(seed, n_samples, n_features)
         self.model_out = model_out
@@ -107,6 +109,8 @@ class SynthHandler:
         X = self._scaled(task)
         if task.kind == "evaluate":
             return TaskOutcome(n_samples=n, metrics={"loss": float(model.loss(X, self.y))})
+        if self.train_delay_s:
+            time.sleep(self.train_delay_s)
         h = task.hyper
         mu = float(h.get("prox_mu") or 0.0)
         report = model.fit(X, self.y, epochs=int(h["epochs"]), batch_size=int(h["batch_size"]),
@@ -198,7 +202,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         handler: SynthHandler = BenchHandler(args.seed, args.n_features)
     else:
         handler = SynthHandler(args.seed, args.n_samples, args.n_features,
-                               Path(args.model_out) if args.model_out else None)
+                               Path(args.model_out) if args.model_out else None, args.train_delay)
     uplink = Uplink(cfg, agent_name=args.name, db_path=args.db, handler=handler)
 
     async def main() -> None:
@@ -281,10 +285,12 @@ def server_command(config: Path) -> list[str]:
 def agent_command(name: str, *, server: str, db: Path, keys: dict[str, Path] | None, seed: int,
                   mode: str = "synth", n_samples: int = 200, n_features: int = 4,
                   model_out: Path | None = None, report: Path | None = None,
-                  heartbeat: str = "500ms", dead_after: str = "3s", log_level: str = "info") -> list[str]:
+                  heartbeat: str = "500ms", dead_after: str = "3s", log_level: str = "info",
+                  train_delay_s: float = 0.0) -> list[str]:
     cmd = [sys.executable, str(HERE), "agent", "--name", name, "--server", server, "--db", str(db),
            "--seed", str(seed), "--mode", mode, "--n-samples", str(n_samples), "--n-features", str(n_features),
-           "--heartbeat", heartbeat, "--dead-after", dead_after, "--log-level", log_level]
+           "--heartbeat", heartbeat, "--dead-after", dead_after, "--log-level", log_level,
+           "--train-delay", str(train_delay_s)]
     if keys is None:
         cmd.append("--insecure")
     else:
@@ -339,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--n-samples", type=int, default=200)
     a.add_argument("--n-features", type=int, default=4)
     a.add_argument("--model-out")
+    a.add_argument("--train-delay", type=float, default=0.0, help="seconds each train task sleeps")
     a.add_argument("--report")
     a.add_argument("--heartbeat", default="500ms")
     a.add_argument("--dead-after", default="3s")
