@@ -217,7 +217,8 @@ class AgentService:
                 self._reload_requested = False
                 await self._reload()
             self._step()
-            systemd.watchdog_ping()
+            if wd is not None:  # only when systemd asked for it (WATCHDOG_USEC)
+                systemd.watchdog_ping()
             self.counters["loop_iterations"] += 1
             if time.time() - self._last_state >= STATE_EVERY_S:
                 self._write_state()
