@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     plant.add_argument("--seed", type=int, default=0, help="plant seed (default 0)")
     plant.add_argument("--speed", type=float, default=1.0, help="plant seconds per real second (default 1)")
     plant.add_argument("--dt", type=_duration, default=1.0, help="plant time per step (default 1s)")
+    plant.add_argument("--start-at", type=_duration, default=0.0, metavar="DURATION",
+                       help="fast-forward the plant by this much plant time first, e.g. 6h (serving and --dump-csv)")
     sensor = ap.add_argument_group("serial sensor")
     sensor.add_argument("--sensor-pty", metavar="LINK", help="emit sensor lines into a pty; symlink the reader side at LINK")
     sensor.add_argument("--sensor-format", choices=[f.value for f in SensorFormat], default="nmea")
@@ -166,7 +168,7 @@ async def _serve(args: argparse.Namespace, plant: Plant) -> int:
     writer: PtyWriter | None = None
     sensor_task: asyncio.Task[None] | None = None
     info: dict[str, Any] = {
-        "pid": os.getpid(), "seed": args.seed, "speed": args.speed, "dt_s": plant.dt_s,
+        "pid": os.getpid(), "seed": args.seed, "speed": args.speed, "dt_s": plant.dt_s, "start_step": plant.step_count,
         "profiles": [p.name for p in plant.profiles],
         "unit_ids": [args.unit_id + i for i in range(plant.n_machines)],
     }
@@ -226,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("choose exactly one of --tcp, --rtu, --rtu-pty (or --dump-csv N)")
     for name, ok in (("--speed", args.speed >= 0), ("--garbage-rate", 0 <= args.garbage_rate <= 1),
                      ("--sensor-rate", args.sensor_rate > 0), ("--dt", args.dt > 0),
-                     ("--horizon", args.horizon > 0), ("--sensor-machine", 0 <= args.sensor_machine < len(args.profile))):
+                     ("--horizon", args.horizon > 0), ("--start-at", args.start_at >= 0), ("--sensor-machine", 0 <= args.sensor_machine < len(args.profile))):
         if not ok:
             ap.error(f"{name} = {getattr(args, name[2:].replace('-', '_'))!r} is out of range")
     try:
@@ -234,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     plant = Plant(profiles, seed=args.seed, dt_s=args.dt)
+    if args.start_at > 0:
+        plant.step(round(args.start_at / plant.dt_s))
+        log.info("fast-forwarded to step %s (%s plant seconds)", plant.step_count, plant.time_s)
     try:
         if args.dump_csv is not None:
             if args.dump_csv < 1:

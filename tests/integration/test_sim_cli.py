@@ -174,3 +174,17 @@ def test_rtu_on_a_given_serial_path(tmp_path):
         finally:
             rc, err = _stop(proc)
         assert rc == 0, err
+
+
+def test_start_at_fast_forwards_the_same_trajectory(tmp_path):
+    def dump(*extra: str) -> list[str]:
+        res = subprocess.run([sys.executable, "-m", "fedgate.drivers.sim.cli", "--dump-csv", "30", "--seed", "6",
+                              "--profile", "heavy", "--log-level", "WARNING", *extra],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.splitlines()
+
+    whole, late = dump(), dump("--start-at", "20s")
+    assert late[0] == whole[0]
+    assert late[1:11] == whole[21:31]  # rows for steps 21..30
+    assert late[1].startswith("21,21,0,1,heavy,")
