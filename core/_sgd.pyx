@@ -528,6 +528,15 @@ cdef int _infer(const Net* net, const floating* X, Py_ssize_t n, const floating*
 # ----------------------------------------------------------------------------------
 # Python-visible kernel object
 
+cdef void* _data(cnp.ndarray a, int typenum, Py_ssize_t size) except NULL:
+    """Pointer to ``a``'s data after checking dtype, C-contiguity and exact size."""
+    if (cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or cnp.PyArray_SIZE(a) != size):
+        raise ValueError(f"kernel argument: expected a C-contiguous {'float32' if typenum == cnp.NPY_FLOAT32 else 'float64'}"
+                         f" array of {size} values, got {a.dtype} of {a.size}")
+    return cnp.PyArray_DATA(a)
+
+
 cdef class Kernel:
     """A network's shape and link/loss codes; trains and evaluates flat vectors.
 
@@ -565,25 +574,34 @@ cdef class Kernel:
     def n_params(self) -> int:
         return self.net.n_params
 
-    def train(self, cnp.ndarray X, cnp.ndarray Y, Py_ssize_t ty, const double[::1] sw,
-              float[::1] params, const float[::1] ref, Py_ssize_t epochs, Py_ssize_t batch_size,
+    def train(self, cnp.ndarray X, cnp.ndarray Y, Py_ssize_t ty, cnp.ndarray sw,
+              cnp.ndarray params, cnp.ndarray ref, Py_ssize_t epochs, Py_ssize_t batch_size,
               double lr, double power_t, double l2, double prox_mu, long long step0,
               bint shuffle, uint64_t rng):
         """Train ``params`` in place; returns ``(status, row, epoch, loss_sum, seen, steps, rng)``.
 
         ``X`` (n x d) and ``Y`` (n x ty, flat) share one dtype, float32 or float64,
-        C-contiguous. ``sw`` is empty or n sample weights; ``ref`` empty or the
-        FedProx reference (len n_params).
+        C-contiguous; ``params`` float32 (n_params); ``sw`` float64, empty or n
+        sample weights; ``ref`` float32, empty or the FedProx reference (n_params).
+        Raw pointers are taken once after a cheap dtype/contiguity/size guard.
         """
         cdef Hyper hp
         cdef Outcome res
-        cdef Py_ssize_t n = X.shape[0]
-        cdef const double* swp = &sw[0] if sw.shape[0] > 0 else NULL
-        cdef const float* refp = &ref[0] if ref.shape[0] > 0 else NULL
-        cdef const float[:, ::1] x32
-        cdef const float[::1] y32
-        cdef const double[:, ::1] x64
-        cdef const double[::1] y64
+        cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), P = self.net.n_params
+        cdef int typ = cnp.PyArray_TYPE(X)
+        if typ != cnp.NPY_FLOAT32:
+            typ = cnp.NPY_FLOAT64
+        if cnp.PyArray_NDIM(X) != 2 or cnp.PyArray_DIM(X, 1) != self.net.sizes[0] or n < 1:
+            raise ValueError("X must be (n >= 1, n_features)")
+        cdef void* xp = _data(X, typ, n * self.net.sizes[0])
+        cdef void* yp = _data(Y, typ, n * ty)
+        cdef float* pp = <float*>_data(params, cnp.NPY_FLOAT32, P)
+        cdef const double* swp = NULL
+        cdef const float* refp = NULL
+        if cnp.PyArray_SIZE(sw) > 0:
+            swp = <const double*>_data(sw, cnp.NPY_FLOAT64, n)
+        if cnp.PyArray_SIZE(ref) > 0:
+            refp = <const float*>_data(ref, cnp.NPY_FLOAT32, P)
         hp.lr = lr
         hp.power_t = power_t
         hp.l2 = l2
@@ -592,16 +610,12 @@ cdef class Kernel:
         hp.batch_size = batch_size
         hp.step0 = step0
         hp.shuffle = shuffle
-        if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT32:
-            x32 = X
-            y32 = Y
+        if typ == cnp.NPY_FLOAT32:
             with nogil:
-                res = _train(&self.net, &hp, &x32[0, 0], n, &y32[0], ty, swp, &params[0], refp, rng)
+                res = _train(&self.net, &hp, <const float*>xp, n, <const float*>yp, ty, swp, pp, refp, rng)
         else:
-            x64 = X
-            y64 = Y
             with nogil:
-                res = _train(&self.net, &hp, &x64[0, 0], n, &y64[0], ty, swp, &params[0], refp, rng)
+                res = _train(&self.net, &hp, <const double*>xp, n, <const double*>yp, ty, swp, pp, refp, rng)
         return res.status, res.row, res.epoch, res.loss_sum, res.seen, res.steps, res.rng
 
     def infer(self, cnp.ndarray X, cnp.ndarray w, cnp.ndarray out):
@@ -612,49 +626,41 @@ cdef class Kernel:
         return self._run(X, w, None, 0, out, None)
 
     def sample_losses(self, cnp.ndarray X, cnp.ndarray w, cnp.ndarray Y, Py_ssize_t ty,
-                      double[::1] losses):
+                      cnp.ndarray losses):
         """Per-row loss into ``losses`` (float64, n). Returns ``(status, bad_row)``."""
         return self._run(X, w, Y, ty, None, losses)
 
     cdef tuple _run(self, cnp.ndarray X, cnp.ndarray w, object Y, Py_ssize_t ty, object out,
-                    double[::1] losses):
-        cdef Py_ssize_t n = X.shape[0], bad = -1
+                    object losses):
+        cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), bad = -1
+        cdef Py_ssize_t K = self.net.sizes[self.net.n_layers]
         cdef int st
-        cdef double* lp = &losses[0] if losses is not None else NULL
-        cdef const float[:, ::1] x32
-        cdef const float[::1] w32
-        cdef const float[::1] y32
-        cdef float[:, ::1] o32
-        cdef const double[:, ::1] x64
-        cdef const double[::1] w64
-        cdef const double[::1] y64
-        cdef double[:, ::1] o64
-        cdef const float* yp32 = NULL
-        cdef float* op32 = NULL
-        cdef const double* yp64 = NULL
-        cdef double* op64 = NULL
+        cdef int typ = cnp.PyArray_TYPE(X)
+        if typ != cnp.NPY_FLOAT32:
+            typ = cnp.NPY_FLOAT64
+        if cnp.PyArray_NDIM(X) != 2 or cnp.PyArray_DIM(X, 1) != self.net.sizes[0]:
+            raise ValueError("X must be (n, n_features)")
         if n == 0:
             return ST_OK, -1
-        if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT32:
-            x32 = X
-            w32 = w
-            if Y is not None:
-                y32 = Y
-                yp32 = &y32[0]
-            if out is not None:
-                o32 = out
-                op32 = &o32[0, 0]
+        cdef void* xp = _data(X, typ, n * self.net.sizes[0])
+        cdef void* wp = _data(w, typ, self.net.n_params)
+        cdef void* yp = NULL
+        cdef void* op = NULL
+        cdef double* lp = NULL
+        if Y is not None:
+            yp = _data(Y, typ, n * ty)
+        if out is not None:
+            op = _data(out, typ, n * K)
+        if losses is not None:
+            lp = <double*>_data(losses, cnp.NPY_FLOAT64, n)
+        if op == NULL and lp == NULL:
+            raise ValueError("infer needs out or losses")
+        if typ == cnp.NPY_FLOAT32:
             with nogil:
-                st = _infer(&self.net, &x32[0, 0], n, &w32[0], yp32, ty, op32, lp, &bad)
+                st = _infer(&self.net, <const float*>xp, n, <const float*>wp, <const float*>yp, ty,
+                            <float*>op, lp, &bad)
         else:
-            x64 = X
-            w64 = w
-            if Y is not None:
-                y64 = Y
-                yp64 = &y64[0]
-            if out is not None:
-                o64 = out
-                op64 = &o64[0, 0]
             with nogil:
-                st = _infer(&self.net, &x64[0, 0], n, &w64[0], yp64, ty, op64, lp, &bad)
+                st = _infer(&self.net, <const double*>xp, n, <const double*>wp, <const double*>yp, ty,
+                            <double*>op, lp, &bad)
         return st, bad

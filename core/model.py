@@ -293,6 +293,7 @@ class Model:
         state = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
         self._rng_state = state or 0x9E3779B97F4A7C15
         self._steps = 0
+        self._params64: np.ndarray | None = None
         self._hyper_key: tuple | None = None
         self._hyper: tuple = ()
         self._target = "class" if spec.output == "softmax" else "binary" if spec.output == "sigmoid" else "values"
@@ -335,6 +336,7 @@ class Model:
             bad = int(np.flatnonzero(~np.isfinite(arr))[0])
             raise ConfigError(f"non-finite value at index {bad}", key="params", value=float(arr[bad]))
         self._params[:] = arr
+        self._params64 = None
 
     def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read-only views ``(W, b)`` of layer ``index`` (W is fan_out x fan_in)."""
@@ -350,6 +352,7 @@ class Model:
         other = object.__new__(Model)
         other.__dict__.update(self.__dict__)
         other._params = self._params.copy()
+        other._params64 = None
         return other
 
     # -- training ------------------------------------------------------------------
@@ -396,6 +399,7 @@ class Model:
             self._raise(status, row, epoch, y, lr_f)
         self._steps += steps
         self._rng_state = rng
+        self._params64 = None
         return FitReport(seen, loss_sum / seen, time.perf_counter() - t0, steps)
 
     # -- inference -----------------------------------------------------------------
@@ -441,7 +445,11 @@ class Model:
 
     # -- internals -----------------------------------------------------------------
     def _work_params(self, X: np.ndarray) -> np.ndarray:
-        return self._params if X.dtype is _F32 else self._params.astype(np.float64)
+        if X.dtype is _F32:
+            return self._params
+        if self._params64 is None:  # cached until the parameters change
+            self._params64 = self._params.astype(np.float64)
+        return self._params64
 
     def _outputs(self, X: np.ndarray) -> np.ndarray:
         X = self._check_X(X)

@@ -262,3 +262,19 @@ def test_clone_is_independent():
     np.testing.assert_array_equal(model.params, twin.params)  # same state, same result
     twin.fit(X, y, lr=0.1)
     assert not np.array_equal(model.params, twin.params)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_predictions_follow_new_params_and_training(dtype):
+    X, y = blobs()
+    X = X.astype(dtype)
+    model = Model(ModelSpec("logistic", 4))
+    first = model.predict_proba(X)[:, 1]
+    model.params = np.array([1.0, 2.0, 3.0, 4.0, 0.5])
+    second = model.predict_proba(X)[:, 1]
+    model.fit(X, y, lr=0.5)
+    third = model.predict_proba(X)[:, 1]
+
+    np.testing.assert_allclose(first, 0.5)
+    np.testing.assert_allclose(second, 1 / (1 + np.exp(-(X.astype(np.float64) @ [1, 2, 3, 4] + 0.5))), rtol=1e-5)
+    assert not np.allclose(second, third)
