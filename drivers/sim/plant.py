@@ -223,9 +223,11 @@ class Plant:
         self._rated_a = self._rated_kw / (math.sqrt(3) * 0.4 * 0.85 * 0.9)
 
         self._rngs = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, i]))) for i in range(n)]
-        self._normal = np.empty((n, _BLOCK, _N_NORMAL))
-        self._uniform = np.empty((n, _BLOCK, _N_UNIFORM))
+        self._blk: dict[str, np.ndarray] = {}
         self._pos = _BLOCK
+        self._spike_decay = math.exp(-self.dt_s / 30.0)
+        self._temp_alpha = 1.0 - math.exp(-self.dt_s / 180.0)
+        self._slip_per_w2 = 0.01 * self._rated_rpm
         # the phase of each machine's load cycle is its first draw
         self._phase = np.array([2 * math.pi * r.random() for r in self._rngs])
 
@@ -256,16 +258,56 @@ class Plant:
         self._repair_left[machine] = 0.0
         self.maintenance_count[machine] += 1
 
-    def _draws(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._pos == _BLOCK:
-            for i, rng in enumerate(self._rngs):
-                self._normal[i] = rng.standard_normal((_BLOCK, _N_NORMAL))
-                self._uniform[i] = rng.random((_BLOCK, _N_UNIFORM))
-            self._pos = 0
-        z = self._normal[:, self._pos, :].T  # (_N_NORMAL, n)
-        u = self._uniform[:, self._pos, :].T  # (_N_UNIFORM, n)
-        self._pos += 1
-        return z, u
+    def _refill(self) -> None:
+        """Draw the next block of randomness and precompute everything health does not change.
+
+        Load, wear drift, shocks, sensor noise and the parts of each signal that depend
+        on load only are computed here for ``_BLOCK`` steps at once, arrays of shape
+        ``(_BLOCK, n_machines)``; :meth:`_step_once` then only runs the recursions
+        through health. Both :meth:`step` and :meth:`run` go through here, so served
+        values and recorded traces are bit-identical.
+        """
+        n, dt = self.n_machines, self.dt_s
+        z = np.empty((_N_NORMAL, _BLOCK, n))
+        u = np.empty((_N_UNIFORM, _BLOCK, n))
+        for i, rng in enumerate(self._rngs):
+            z[:, :, i] = rng.standard_normal((_BLOCK, _N_NORMAL)).T
+            u[:, :, i] = rng.random((_BLOCK, _N_UNIFORM)).T
+        # slow AR(1) load disturbance: a short recursion, vectorised over machines
+        phi = math.exp(-dt / 120.0)
+        gain = math.sqrt(1.0 - phi * phi)
+        ar = np.empty((_BLOCK, n))
+        x = self._load_ar
+        for k in range(_BLOCK):
+            x = phi * x + gain * z[0, k]
+            ar[k] = x
+        self._load_ar = x
+        t = (self.step_count + 1 + np.arange(_BLOCK))[:, None] * dt
+        load = self._load * (1.0 + self._swing * np.sin(self._omega * t + self._phase)) + 0.04 * ar
+        load = np.clip(load, 0.2, 1.2)
+        shock = u[0] < self._shock_p
+        drift = self._wear_rate * (load / 0.75) ** 1.5 * np.clip(1.0 + 0.5 * z[1], 0.0, 2.0) * dt
+        nz = self._noise
+        pf = 0.6 + 0.25 * np.minimum(load, 1.0)
+        self._blk = {
+            "loss": drift + np.where(shock, self._shock_size * (0.5 + u[1]), 0.0),
+            "spike_in": np.where(shock, 2.5, 0.0),
+            "repair_health": 0.95 + 0.05 * u[2],
+            "current": self._rated_a * (0.3 + 0.7 * load),
+            "power_per_a": math.sqrt(3) * 0.4 * pf,
+            "speed": self._rated_rpm * (1.0 - 0.03 * load),
+            "pressure": self._rated_bar * (1.15 - 0.3 * load),
+            "temp_target": self._ambient + 40.0 * load**1.3,
+            "vib": self._vib_base * (0.6 + 0.4 * load),
+            "load_pct": 100.0 * load,
+            "temp_noise": 0.15 * nz * z[2],
+            "vib_mult": np.exp(0.06 * nz * z[3]),
+            "current_mult": 1.0 + 0.005 * nz * z[4],
+            "power_mult": 1.0 + 0.005 * nz * z[5],
+            "speed_noise": 1.5 * nz * z[6],
+            "pressure_noise": 0.03 * nz * z[7],
+        }
+        self._pos = 0
 
     def step(self, n: int = 1) -> None:
         """Advance ``n`` steps of ``dt_s`` plant seconds each."""
@@ -273,24 +315,18 @@ class Plant:
             self._step_once()
 
     def _step_once(self) -> None:
+        if self._pos == _BLOCK:
+            self._refill()
+        k = self._pos
+        self._pos += 1
+        b = self._blk
         dt = self.dt_s
-        z, u = self._draws()
         self.step_count += 1
-        t = self.time_s
 
-        # operating point: shift-pattern cycle plus a slow AR(1) disturbance
-        phi = math.exp(-dt / 120.0)
-        self._load_ar = phi * self._load_ar + math.sqrt(1.0 - phi * phi) * z[0]
-        load = self._load * (1.0 + self._swing * np.sin(self._omega * t + self._phase)) + 0.04 * self._load_ar
-        load = np.clip(load, 0.2, 1.2)
-
-        # wear: load-dependent drift with bounded jitter, plus shocks
-        drift = self._wear_rate * (load / 0.75) ** 1.5 * np.clip(1.0 + 0.5 * z[1], 0.0, 2.0) * dt
-        shock = u[0] < self._shock_p
-        loss = drift + np.where(shock, self._shock_size * (0.5 + u[1]), 0.0)
+        # wear (a machine in fault is stopped for repair and does not wear further)
         running = ~self.fault
-        self.health = np.where(running, np.maximum(self.health - loss, 0.0), self.health)
-        self._spike = self._spike * math.exp(-dt / 30.0) + np.where(shock, 2.5, 0.0)
+        self.health = np.maximum(self.health - b["loss"][k] * running, 0.0)
+        self._spike = self._spike * self._spike_decay + b["spike_in"][k]
 
         # faults latch when health runs low; the crew repairs them after repair_s
         new_fault = running & (self.health < FAULT_HEALTH)
@@ -302,33 +338,27 @@ class Plant:
             self._repair_left = np.where(self.fault, self._repair_left - dt, self._repair_left)
             done = self.fault & (self._repair_left <= 0.0)
             if done.any():
-                self.health = np.where(done, 0.95 + 0.05 * u[2], self.health)
+                self.health = np.where(done, b["repair_health"][k], self.health)
                 self.fault &= ~done
                 self.maintenance_count += done
 
         # physics of a worn machine
         wear = 1.0 - self.health
         w2 = wear * wear
-        w3 = w2 * wear
-        nz = self._noise
-        current = self._rated_a * (0.3 + 0.7 * load) * (1.0 + 0.2 * w2)
-        pf = 0.6 + 0.25 * np.minimum(load, 1.0)
-        power = math.sqrt(3) * 0.4 * current * pf
-        speed = self._rated_rpm * (1.0 - 0.03 * load - 0.01 * w2)
-        pressure = self._rated_bar * (1.15 - 0.3 * load) * (1.0 - 0.25 * w2)
-        target = self._ambient + 40.0 * load**1.3 + 30.0 * w2
-        self._temp += (target - self._temp) * (1.0 - math.exp(-dt / 180.0))
-        vib = self._vib_base * (0.6 + 0.4 * load) + 6.0 * w3 + 1.5 * w2 + self._spike
-        self._energy_wh += power * 1000.0 * dt / 3600.0
+        current = b["current"][k] * (1.0 + 0.2 * w2)
+        power = b["power_per_a"][k] * current
+        self._temp += (b["temp_target"][k] + 30.0 * w2 - self._temp) * self._temp_alpha
+        vib = b["vib"][k] + (6.0 * wear + 1.5) * w2 + self._spike
+        self._energy_wh += power * (1000.0 * dt / 3600.0)
 
         v = self.values
-        v["temperature_c"] = self._temp + 0.15 * nz * z[2]
-        v["vibration_mm_s"] = vib * np.exp(0.06 * nz * z[3])
-        v["current_a"] = current * (1.0 + 0.005 * nz * z[4])
-        v["power_kw"] = power * (1.0 + 0.005 * nz * z[5])
-        v["speed_rpm"] = speed + 1.5 * nz * z[6]
-        v["pressure_bar"] = np.maximum(pressure + 0.03 * nz * z[7], 0.0)
-        v["load_pct"] = 100.0 * load
+        v["temperature_c"] = self._temp + b["temp_noise"][k]
+        v["vibration_mm_s"] = vib * b["vib_mult"][k]
+        v["current_a"] = current * b["current_mult"][k]
+        v["power_kw"] = power * b["power_mult"][k]
+        v["speed_rpm"] = b["speed"][k] - self._slip_per_w2 * w2 + b["speed_noise"][k]
+        v["pressure_bar"] = np.maximum(b["pressure"][k] * (1.0 - 0.25 * w2) + b["pressure_noise"][k], 0.0)
+        v["load_pct"] = b["load_pct"][k]
         v["energy_wh"] = self._energy_wh.copy()
 
     # ------------------------------------------------------------------ traces
