@@ -12,7 +12,7 @@ Every kernel runs inside one ``with nogil:`` block; problems are reported as a
 status code plus the offending row, never raised inside the loop.
 """
 cimport numpy as cnp
-from libc.math cimport exp, fabs, log1p, pow, tanh
+from libc.math cimport exp, expm1, fabs, log1p, pow
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -145,6 +145,13 @@ cdef inline void _axpy(floating* y, floating a, const floating* x, Py_ssize_t n)
         y[i] += a * x[i]
 
 
+cdef inline double _tanh(double x) noexcept nogil:
+    # through one expm1 (libm's tanh adds branches around the same call); NaN stays NaN
+    cdef double t = expm1(-2.0 * fabs(x))
+    cdef double r = -t / (2.0 + t)
+    return -r if x < 0 else r
+
+
 cdef inline double _sigmoid(double z) noexcept nogil:
     cdef double e
     if z >= 0:
@@ -186,7 +193,7 @@ cdef void _forward(const Net* net, const floating* w, const floating** rows, Py_
                             out[j] = 0
                 else:
                     for j in range(n_out):
-                        out[j] = tanh(out[j])
+                        out[j] = _tanh(out[j])
 
 
 cdef inline bint _row_finite(const floating* x, Py_ssize_t n) noexcept nogil:
