@@ -5,8 +5,8 @@ ranges are checked by the façade) and computes inside one ``nogil`` region.
 Compiler directives come from ``setup.py``.
 """
 from cython cimport floating
-from libc.math cimport sqrt
-from libc.stdint cimport uint32_t, uint64_t, int32_t
+from libc.math cimport sqrt, fabs, INFINITY, nextafter, nextafterf
+from libc.stdint cimport uint32_t, uint64_t, int32_t, int64_t
 from libc.string cimport memcpy
 
 cdef extern from "Python.h":
@@ -20,12 +20,37 @@ cdef enum:
     TILE_BYTES = 32768
 
 
+cdef extern from *:
+    """
+    /* On x86-64 Linux with GCC, hot loops are compiled for AVX-512, AVX2 and the
+       baseline, and the loader picks the best for the CPU (function multi-versioning). */
+    #include <stdint.h>
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
+    #define FG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+    #else
+    #define FG_CLONES
+    #endif
+
+    /* acc[i] += w * x[i] in double */
+    #define FG_AXPY(NAME, T)                                                         \
+    FG_CLONES static void NAME(double* __restrict acc, const T* __restrict x,        \
+                               double w, Py_ssize_t n) {                             \
+        for (Py_ssize_t i = 0; i < n; i++) acc[i] += w * (double)x[i];               \
+    }
+    FG_AXPY(fg_axpy_f32, float)
+    FG_AXPY(fg_axpy_f64, double)
+    """
+    void fg_axpy_f32(double* acc, const float* x, double w, Py_ssize_t n) noexcept nogil
+    void fg_axpy_f64(double* acc, const double* x, double w, Py_ssize_t n) noexcept nogil
+
+
 # --------------------------------------------------------------------------- sums
 
 cdef inline void _axpy(double* acc, const floating* x, double w, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        acc[i] += w * <double>x[i]
+    if floating is float:
+        fg_axpy_f32(acc, x, w, n)
+    else:
+        fg_axpy_f64(acc, x, w, n)
 
 
 def accumulate(double[::1] acc, const floating[::1] x, double weight):
@@ -144,15 +169,6 @@ def first_nonfinite(const floating[::1] x):
 
 cdef extern from *:
     """
-    /* On x86-64 Linux with GCC, hot loops are compiled for AVX-512, AVX2 and the
-       baseline, and the loader picks the best for the CPU (function multi-versioning). */
-    #include <stdint.h>
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
-    #define FG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-    #else
-    #define FG_CLONES
-    #endif
-
     /* Apply nc comparators (pairs of row indices, min to the first) to a tile of
        rows of `width` lanes each: every comparator is a lane-wise min/max, which the
        compiler vectorises (the ternary forms below map to min/max instructions). */
@@ -181,11 +197,130 @@ cdef extern from *:
     }
     FG_ROWSUM(fg_rowsum_f32, float)
     FG_ROWSUM(fg_rowsum_f64, double)
+
+    /* Counting passes over n rows (row r at base + r * stride) of FG_LANES lanes,
+       written with GCC vector extensions so every lane is one SIMD lane whatever the
+       target (16 floats = one AVX-512 register, two AVX2, four SSE). */
+    #define FG_LANES 16
+    #include <math.h>
+    #include <string.h>
+    typedef float fg_vf __attribute__((vector_size(64)));
+    typedef int32_t fg_vi __attribute__((vector_size(64)));
+    typedef double fg_vd __attribute__((vector_size(128)));
+    typedef int64_t fg_vl __attribute__((vector_size(128)));
+
+    /* per lane: cnt = #(x < p), below = max{x < p} (-inf if none), above = min{x >= p} */
+    #define FG_COUNT_PASS(NAME, T, VT, MT)                                           \
+    FG_CLONES static void NAME(const T* base, Py_ssize_t stride, Py_ssize_t n,       \
+                               const T* p, int32_t* cnt, T* below, T* above) {       \
+        VT q, x, xb, xa, b, a, zero = {0}; MT c = {0}, m, g;                         \
+        memcpy(&q, p, sizeof(VT));                                                   \
+        b = zero - (T)INFINITY; a = zero + (T)INFINITY;                              \
+        const MT ninf = (MT)b, pinf = (MT)a;                                         \
+        for (Py_ssize_t r = 0; r < n; r++) {                                         \
+            memcpy(&x, base + r * stride, sizeof(VT));                               \
+            m = x < q;                                                               \
+            c -= m;                                                                  \
+            xb = (VT)(((MT)x & m) | (ninf & ~m));                                    \
+            xa = (VT)(((MT)x & ~m) | (pinf & m));                                    \
+            g = xb > b;                                                              \
+            b = (VT)(((MT)xb & g) | ((MT)b & ~g));                                   \
+            g = xa < a;                                                              \
+            a = (VT)(((MT)xa & g) | ((MT)a & ~g));                                   \
+        }                                                                            \
+        for (int k = 0; k < FG_LANES; k++) {                                         \
+            cnt[k] = (int32_t)c[k]; below[k] = b[k]; above[k] = a[k];                \
+        }                                                                            \
+    }
+    FG_COUNT_PASS(fg_count_pass_f32, float, fg_vf, fg_vi)
+    FG_COUNT_PASS(fg_count_pass_f64, double, fg_vd, fg_vl)
+
+    /* per lane: cnt1 = #(x < p1), cnt2 = #(x < p2) (counts only: cheap) */
+    #define FG_COUNT2_PASS(NAME, T, VT, MT)                                          \
+    FG_CLONES static void NAME(const T* base, Py_ssize_t stride, Py_ssize_t n,       \
+                               const T* p1, const T* p2, int32_t* cnt1, int32_t* cnt2) { \
+        VT q1, q2, x; MT c1 = {0}, c2 = {0};                                         \
+        memcpy(&q1, p1, sizeof(VT));                                                 \
+        memcpy(&q2, p2, sizeof(VT));                                                 \
+        for (Py_ssize_t r = 0; r < n; r++) {                                         \
+            memcpy(&x, base + r * stride, sizeof(VT));                               \
+            c1 -= x < q1;                                                            \
+            c2 -= x < q2;                                                            \
+        }                                                                            \
+        for (int k = 0; k < FG_LANES; k++) {                                         \
+            cnt1[k] = (int32_t)c1[k]; cnt2[k] = (int32_t)c2[k];                      \
+        }                                                                            \
+    }
+    FG_COUNT2_PASS(fg_count2_pass_f32, float, fg_vf, fg_vi)
+    FG_COUNT2_PASS(fg_count2_pass_f64, double, fg_vd, fg_vl)
+
+    /* Per lane: sum (double) of x with lo < x < hi, #(x <= lo), #(x < hi). */
+    #define FG_BAND_PASS(NAME, T)                                                    \
+    FG_CLONES static void NAME(const T* base, Py_ssize_t stride, Py_ssize_t n,       \
+                               const T* __restrict lo, const T* __restrict hi,       \
+                               double* __restrict sum, int32_t* __restrict le_lo,    \
+                               int32_t* __restrict lt_hi) {                          \
+        double s_[FG_LANES]; int32_t l_[FG_LANES], h_[FG_LANES];                     \
+        T lo_[FG_LANES], hi_[FG_LANES];                                              \
+        for (int c = 0; c < FG_LANES; c++) {                                         \
+            s_[c] = 0.0; l_[c] = 0; h_[c] = 0; lo_[c] = lo[c]; hi_[c] = hi[c];       \
+        }                                                                            \
+        for (Py_ssize_t r = 0; r < n; r++) {                                         \
+            const T* row = base + r * stride;                                        \
+            for (int c = 0; c < FG_LANES; c++) {                                     \
+                T x = row[c];                                                        \
+                int in = (x > lo_[c]) & (x < hi_[c]);                                \
+                s_[c] += in ? (double)x : 0.0;                                       \
+                l_[c] += x <= lo_[c];                                                \
+                h_[c] += x < hi_[c];                                                 \
+            }                                                                        \
+        }                                                                            \
+        for (int c = 0; c < FG_LANES; c++) {                                         \
+            sum[c] = s_[c]; le_lo[c] = l_[c]; lt_hi[c] = h_[c];                      \
+        }                                                                            \
+    }
+    FG_BAND_PASS(fg_band_pass_f32, float)
+    FG_BAND_PASS(fg_band_pass_f64, double)
+
+    /* order-preserving integer key of a float (for bisection in value order) */
+    static inline int64_t fg_key_f32(float x) {
+        int32_t b; x += 0.0f; memcpy(&b, &x, 4);
+        return b < 0 ? -(int64_t)(b & 0x7fffffff) : (int64_t)b;
+    }
+    static inline float fg_unkey_f32(int64_t k) {
+        int32_t b = k < 0 ? (int32_t)((-k) | 0x80000000u) : (int32_t)k; float x; memcpy(&x, &b, 4);
+        return x;
+    }
+    static inline int64_t fg_key_f64(double x) {
+        int64_t b; x += 0.0; memcpy(&b, &x, 8);
+        return b < 0 ? -(b & 0x7fffffffffffffffLL) : b;
+    }
+    static inline double fg_unkey_f64(int64_t k) {
+        int64_t b = k < 0 ? ((-k) | (int64_t)0x8000000000000000ULL) : k; double x; memcpy(&x, &b, 8);
+        return x;
+    }
     """
     void fg_network_f32(float* tile, Py_ssize_t width, const int32_t* comps, Py_ssize_t nc) noexcept nogil
     void fg_network_f64(double* tile, Py_ssize_t width, const int32_t* comps, Py_ssize_t nc) noexcept nogil
     void fg_rowsum_f32(double* acc, const float* row, Py_ssize_t width) noexcept nogil
     void fg_rowsum_f64(double* acc, const double* row, Py_ssize_t width) noexcept nogil
+    enum: FG_LANES
+    void fg_count_pass_f32(const float* base, Py_ssize_t stride, Py_ssize_t n, const float* p,
+                           int32_t* cnt, float* below, float* above) noexcept nogil
+    void fg_count_pass_f64(const double* base, Py_ssize_t stride, Py_ssize_t n, const double* p,
+                           int32_t* cnt, double* below, double* above) noexcept nogil
+    void fg_count2_pass_f32(const float* base, Py_ssize_t stride, Py_ssize_t n, const float* p1,
+                            const float* p2, int32_t* cnt1, int32_t* cnt2) noexcept nogil
+    void fg_count2_pass_f64(const double* base, Py_ssize_t stride, Py_ssize_t n, const double* p1,
+                            const double* p2, int32_t* cnt1, int32_t* cnt2) noexcept nogil
+    void fg_band_pass_f32(const float* base, Py_ssize_t stride, Py_ssize_t n, const float* lo,
+                          const float* hi, double* sum, int32_t* le_lo, int32_t* lt_hi) noexcept nogil
+    void fg_band_pass_f64(const double* base, Py_ssize_t stride, Py_ssize_t n, const double* lo,
+                          const double* hi, double* sum, int32_t* le_lo, int32_t* lt_hi) noexcept nogil
+    int64_t fg_key_f32(float x) noexcept nogil
+    float fg_unkey_f32(int64_t k) noexcept nogil
+    int64_t fg_key_f64(double x) noexcept nogil
+    double fg_unkey_f64(int64_t k) noexcept nogil
 
 
 def network_reduce(const floating[:, ::1] stack, const int32_t[:, ::1] comps,
@@ -323,51 +458,308 @@ cdef void _select(floating* a, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
             return
 
 
-def select_reduce(const floating[:, ::1] stack, int mode, Py_ssize_t lo, Py_ssize_t hi,
-                  floating[::1] out):
-    """Same contract as :func:`network_reduce`, by introselect per column."""
-    cdef Py_ssize_t n = stack.shape[0], d = stack.shape[1]
-    cdef Py_ssize_t block, c0, width, r, c, i
-    cdef floating* tile
-    cdef floating* col
-    cdef floating mx
+cdef inline int64_t _key(floating x) noexcept nogil:
+    if floating is float:
+        return fg_key_f32(x)
+    else:
+        return fg_key_f64(x)
+
+
+cdef inline floating _unkey(int64_t k, floating like) noexcept nogil:
+    if floating is float:
+        return fg_unkey_f32(k)
+    else:
+        return fg_unkey_f64(k)
+
+
+cdef inline floating _above(floating x) noexcept nogil:
+    if floating is float:
+        return nextafterf(x, INFINITY)
+    else:
+        return nextafter(x, INFINITY)
+
+
+cdef inline floating _clamp_pivot(floating p, floating lo, floating hi) noexcept nogil:
+    """A pivot strictly above lo and at most hi (lo < hi)."""
+    if not (p > lo):
+        p = _above(lo)
+    if p > hi:
+        p = hi
+    return p
+
+
+cdef inline floating _bisect(floating lo, floating hi) noexcept nogil:
+    cdef int64_t klo = _key(lo), khi = _key(hi)
+    return _unkey((klo >> 1) + (khi >> 1) + (klo & khi & 1), lo)  # no overflow for doubles
+
+
+cdef void _lane_rank(const floating* base, Py_ssize_t stride, Py_ssize_t n, Py_ssize_t t,
+                     const floating* smp, Py_ssize_t ns, floating* ans, floating* col) noexcept nogil:
+    """ans[c] = the t-th smallest (0-based) of column c, for FG_LANES columns at base.
+
+    Keeps per lane a value interval [lo, hi) holding the answer, with the exact
+    counts clo = #(x < lo) and chi = #(x < hi), clo <= t < chi. Cheap passes count
+    the values below two pivots per lane (sampled order statistics first, then
+    interpolation at ranks t -/+ a margin, bisection of the float order when that
+    stalls) until few values remain; then passes that also return the nearest
+    data values on both sides of one pivot pin the exact answer. Lanes still open
+    after 64 passes are selected directly.
+    """
+    cdef floating lo[FG_LANES]
+    cdef floating hi[FG_LANES]
+    cdef floating p1[FG_LANES]
+    cdef floating p2[FG_LANES]
+    cdef floating below[FG_LANES]
+    cdef floating above[FG_LANES]
+    cdef int32_t c1[FG_LANES]
+    cdef int32_t c2[FG_LANES]
+    cdef Py_ssize_t clo[FG_LANES]
+    cdef Py_ssize_t chi[FG_LANES]
+    cdef Py_ssize_t prev[FG_LANES]
+    cdef bint done[FG_LANES]
+    cdef double step[FG_LANES]
+    cdef Py_ssize_t c, r, k, rho, open_lanes, rem
+    cdef bint counting
+    cdef double g, q, span, rank
+    rho = min(ns - 1, (t * ns) // n)
+    for c in range(FG_LANES):
+        lo[c] = -INFINITY
+        hi[c] = INFINITY
+        clo[c] = 0
+        chi[c] = n
+        prev[c] = 4 * n + 4
+        done[c] = False
+        step[c] = 0.25 * (<double>smp[(ns - 1) * FG_LANES + c] - <double>smp[c])
+        if not (step[c] > 0 and step[c] < INFINITY):
+            step[c] = 0.25 * (fabs(<double>smp[c]) + 1.0)
+    for k in range(64):
+        # counting passes while some open lane still has many candidates and progresses
+        counting = False
+        for c in range(FG_LANES):
+            if not done[c] and chi[c] - clo[c] > 8 and 4 * (chi[c] - clo[c]) < 3 * prev[c]:
+                counting = True
+        for c in range(FG_LANES):
+            if done[c]:
+                p1[c] = lo[c]
+                p2[c] = lo[c]
+                continue
+            rem = chi[c] - clo[c]
+            if k == 0:
+                p1[c] = smp[max(<Py_ssize_t>0, rho - 8) * FG_LANES + c]
+                p2[c] = smp[min(ns - 1, rho + 8) * FG_LANES + c]
+            elif k == 1 and hi[c] == INFINITY:  # above the sampled bracket: the sample's top
+                p1[c] = smp[min(ns - 1, rho + 24) * FG_LANES + c]
+                p2[c] = smp[(ns - 1) * FG_LANES + c]
+            elif k == 1 and lo[c] == -INFINITY:
+                p1[c] = smp[c]
+                p2[c] = smp[max(<Py_ssize_t>0, rho - 24) * FG_LANES + c]
+            elif lo[c] > -INFINITY and hi[c] < INFINITY:
+                span = <double>hi[c] - <double>lo[c]
+                rank = <double>(t - clo[c]) + 0.5
+                g = 0.5 * sqrt(<double>rem) + 1.0 if counting else 0.0
+                q = <double>lo[c] + span * ((rank - g) / <double>rem)
+                p1[c] = <floating>q
+                q = <double>lo[c] + span * ((rank + g) / <double>rem)
+                p2[c] = <floating>q
+                if 2 * rem > prev[c]:  # the last pass did not halve the candidates
+                    p1[c] = _bisect(lo[c], hi[c])
+            elif lo[c] > -INFINITY:
+                # the answer lies above every pivot so far: step out, growing 4x per pass
+                step[c] *= 4.0
+                p1[c] = <floating>(<double>lo[c] + 0.25 * step[c])
+                p2[c] = <floating>(<double>lo[c] + step[c])
+            elif hi[c] < INFINITY:
+                step[c] *= 4.0
+                p1[c] = <floating>(<double>hi[c] - step[c])
+                p2[c] = <floating>(<double>hi[c] - 0.25 * step[c])
+            else:
+                p1[c] = 0
+                p2[c] = 0
+            p1[c] = _clamp_pivot(p1[c], lo[c], hi[c])
+            p2[c] = _clamp_pivot(p2[c], lo[c], hi[c])
+            if p2[c] < p1[c]:
+                p1[c], p2[c] = p2[c], p1[c]
+            prev[c] = rem
+        if counting or k == 0:
+            if floating is float:
+                fg_count2_pass_f32(base, stride, n, p1, p2, c1, c2)
+            else:
+                fg_count2_pass_f64(base, stride, n, p1, p2, c1, c2)
+            for c in range(FG_LANES):
+                if done[c]:
+                    continue
+                if t < c1[c]:
+                    hi[c] = p1[c]
+                    chi[c] = c1[c]
+                elif t < c2[c]:
+                    lo[c] = p1[c]
+                    clo[c] = c1[c]
+                    hi[c] = p2[c]
+                    chi[c] = c2[c]
+                else:
+                    lo[c] = p2[c]
+                    clo[c] = c2[c]
+        else:
+            # pin exact data values around one pivot per lane
+            for c in range(FG_LANES):
+                if not done[c] and lo[c] > -INFINITY and hi[c] < INFINITY:
+                    p1[c] = _clamp_pivot(
+                        <floating>(<double>lo[c] + (<double>hi[c] - <double>lo[c])
+                                   * ((<double>(t - clo[c]) + 0.5) / <double>(chi[c] - clo[c]))),
+                        lo[c], hi[c])
+            if floating is float:
+                fg_count_pass_f32(base, stride, n, p1, c1, below, above)
+            else:
+                fg_count_pass_f64(base, stride, n, p1, c1, below, above)
+            for c in range(FG_LANES):
+                if done[c]:
+                    continue
+                if t < c1[c]:
+                    hi[c] = _above(below[c])
+                    chi[c] = c1[c]
+                    if t == c1[c] - 1:
+                        ans[c] = below[c]
+                        done[c] = True
+                else:
+                    lo[c] = above[c]
+                    clo[c] = c1[c]
+                    if t == c1[c]:
+                        ans[c] = above[c]
+                        done[c] = True
+        open_lanes = 0
+        for c in range(FG_LANES):
+            if not done[c] and lo[c] > -INFINITY and _above(lo[c]) >= hi[c]:
+                ans[c] = lo[c]  # [lo, hi) holds one float value: every candidate equals lo
+                done[c] = True
+            open_lanes += not done[c]
+        if open_lanes == 0:
+            return
+    for c in range(FG_LANES):
+        if not done[c]:
+            for r in range(n):
+                col[r] = base[r * stride + c]
+            _select(col, n, t)
+            ans[c] = col[t]
+
+
+cdef void _next_rank(const floating* base, Py_ssize_t stride, Py_ssize_t n, Py_ssize_t t,
+                     const floating* v, floating* ans) noexcept nogil:
+    """ans = the (t+1)-th smallest per lane, given v = the t-th: one counting pass."""
+    cdef floating p[FG_LANES]
+    cdef floating below[FG_LANES]
+    cdef floating above[FG_LANES]
+    cdef int32_t cnt[FG_LANES]
+    cdef Py_ssize_t c
+    for c in range(FG_LANES):
+        p[c] = _above(v[c])
+    if floating is float:
+        fg_count_pass_f32(base, stride, n, p, cnt, below, above)
+    else:
+        fg_count_pass_f64(base, stride, n, p, cnt, below, above)
+    for c in range(FG_LANES):
+        ans[c] = v[c] if cnt[c] > t + 1 else above[c]
+
+
+def count_select_reduce(const floating[:, ::1] stack, const int32_t[:, ::1] sample_comps,
+                        int mode, Py_ssize_t lo, Py_ssize_t hi, floating[::1] out):
+    """Same contract as :func:`network_reduce`, by counting passes (large n).
+
+    Columns are processed FG_LANES at a time straight from the stack (no copy);
+    the last partial group goes through :func:`_select` column by column.
+    ``sample_comps`` sorts ``ns = max(index) + 1`` sampled rows (2 <= ns <= min(128, n)).
+    """
+    cdef Py_ssize_t n = stack.shape[0], d = stack.shape[1], nc = sample_comps.shape[0]
+    cdef Py_ssize_t ns = 0, c0, c, r, i, full = d - d % FG_LANES
     cdef const floating* s = &stack[0, 0]
-    cdef double acc, inv = 1.0 / <double>(hi - lo + 1)
-    block = TILE_BYTES // (n * sizeof(floating))
-    block = max(<Py_ssize_t>16, block - block % 16)
-    tile = <floating*>PyMem_RawMalloc(n * block * sizeof(floating))
+    cdef const int32_t* cp = &sample_comps[0, 0]
+    cdef floating smp[128 * FG_LANES]
+    cdef floating vlo[FG_LANES]
+    cdef floating vhi[FG_LANES]
+    cdef double bsum[FG_LANES]
+    cdef int32_t le_lo[FG_LANES]
+    cdef int32_t lt_hi[FG_LANES]
+    cdef double inv = 1.0 / <double>(hi - lo + 1), acc
+    cdef floating mx
+    cdef Py_ssize_t tw, g, width
+    for i in range(nc):
+        ns = max(ns, <Py_ssize_t>cp[2 * i + 1] + 1)
+    if not 2 <= ns <= 128 or ns > n:
+        raise ValueError(f"sample network of {ns} rows does not fit {n} updates")
+    cdef floating* col = <floating*>PyMem_RawMalloc(n * sizeof(floating))
+    cdef floating* tile
+    cdef const floating* base
+    if col == NULL:
+        raise MemoryError()
+    # tile: up to 4 groups of lanes, copied once so the passes run on contiguous memory
+    tw = min(<Py_ssize_t>(4 * FG_LANES), max(<Py_ssize_t>FG_LANES, full))
+    tile = <floating*>PyMem_RawMalloc(n * tw * sizeof(floating))
     if tile == NULL:
+        PyMem_RawFree(col)
         raise MemoryError()
     with nogil:
         c0 = 0
-        while c0 < d:
-            width = min(block, d - c0)
+        while c0 < full:
+            width = min(tw, full - c0)
             for r in range(n):
-                for c in range(width):
-                    tile[c * n + r] = s[r * d + c0 + c]
-            for c in range(width):
-                col = tile + c * n
-                if mode == 0:
-                    _select(col, n, hi)
-                    if lo == hi:
-                        out[c0 + c] = col[hi]
-                    else:
-                        mx = col[0]
-                        for i in range(1, hi):
-                            if col[i] > mx:
-                                mx = col[i]
-                        out[c0 + c] = <floating>(0.5 * (<double>mx + <double>col[hi]))
+                memcpy(tile + r * width, s + r * d + c0, width * sizeof(floating))
+            g = 0
+            while g < width:
+                base = tile + g
+                for r in range(ns):
+                    memcpy(smp + r * FG_LANES, base + ((r * n) // ns) * width, FG_LANES * sizeof(floating))
+                if floating is float:
+                    fg_network_f32(smp, FG_LANES, cp, nc)
                 else:
-                    if lo > 0:
-                        _select(col, n, lo)
-                    if hi < n - 1:
-                        _select(col + lo, n - lo, hi - lo)
-                    acc = 0.0
-                    for i in range(lo, hi + 1):
-                        acc += col[i]
-                    out[c0 + c] = <floating>(acc * inv)
+                    fg_network_f64(smp, FG_LANES, cp, nc)
+                _lane_rank(base, width, n, lo, smp, ns, vlo, col)
+                if hi == lo + 1:
+                    _next_rank(base, width, n, lo, vlo, vhi)
+                elif hi != lo:
+                    _lane_rank(base, width, n, hi, smp, ns, vhi, col)
+                else:
+                    for c in range(FG_LANES):
+                        vhi[c] = vlo[c]
+                if mode == 0:
+                    for c in range(FG_LANES):
+                        out[c0 + g + c] = <floating>(0.5 * (<double>vlo[c] + <double>vhi[c]))
+                else:
+                    if floating is float:
+                        fg_band_pass_f32(base, width, n, vlo, vhi, bsum, le_lo, lt_hi)
+                    else:
+                        fg_band_pass_f64(base, width, n, vlo, vhi, bsum, le_lo, lt_hi)
+                    for c in range(FG_LANES):
+                        if vlo[c] == vhi[c]:
+                            out[c0 + g + c] = vlo[c]
+                        else:
+                            acc = (bsum[c] + <double>(le_lo[c] - lo) * <double>vlo[c]
+                                   + <double>(hi + 1 - lt_hi[c]) * <double>vhi[c])
+                            out[c0 + g + c] = <floating>(acc * inv)
+                g += FG_LANES
             c0 += width
+        for c in range(full, d):
+            for r in range(n):
+                col[r] = s[r * d + c]
+            if mode == 0:
+                _select(col, n, hi)
+                if lo == hi:
+                    out[c] = col[hi]
+                else:
+                    mx = col[0]
+                    for i in range(1, hi):
+                        if col[i] > mx:
+                            mx = col[i]
+                    out[c] = <floating>(0.5 * (<double>mx + <double>col[hi]))
+            else:
+                if lo > 0:
+                    _select(col, n, lo)
+                if hi < n - 1:
+                    _select(col + lo, n - lo, hi - lo)
+                acc = 0.0
+                for i in range(lo, hi + 1):
+                    acc += col[i]
+                out[c] = <floating>(acc * inv)
     PyMem_RawFree(tile)
+    PyMem_RawFree(col)
 
 
 # -------------------------------------------------------------- server optimisers

@@ -172,6 +172,48 @@ def test_order_statistics_with_heavy_ties(n, d, beta, seed, levels):
     np.testing.assert_allclose(agg.trimmed_mean(stack, beta), ref.trimmed_mean(stack, beta), atol=1e-5)
 
 
+@pytest.fixture(params=["network", "counting"])
+def order_path(request, monkeypatch):
+    """Run a test through the sorting-network kernel and through the counting-pass kernel."""
+    limit = 10**9 if request.param == "network" else 0
+    monkeypatch.setattr(agg, "_NETWORK_MAX_N", {0: limit, 1: limit})
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d", [(2, 40), (3, 17), (7, 33), (64, 50), (130, 40), (257, 35), (1000, 48)])
+def test_both_order_paths_on_hard_columns(order_path, dtype, n, d):
+    rng = np.random.default_rng(n + d)
+    stack = rng.standard_normal((n, d)).astype(dtype)
+    stack[:, 0] = 7.0  # one value
+    stack[:, 1] = np.round(stack[:, 1])  # few values, many ties
+    stack[:, 2] = np.exp(rng.uniform(-80, 80, n)) * rng.choice([-1, 1], n)  # huge dynamic range
+    stack[:, 3] = 1e4 + rng.standard_normal(n) * 1e-3  # narrow band far from zero
+    stack[: n // 3, 4] = np.finfo(dtype).max  # a third of the updates at the largest float
+    stack[:, 5] = np.arange(n)[::-1]  # sorted, reversed
+    stack[:, 6] = np.where(np.arange(n) % 2, 0.0, -0.0)  # signed zeros
+    stack[:, 7] = rng.integers(0, 2, n) * np.finfo(dtype).tiny / 4  # subnormals
+    np.testing.assert_allclose(agg.median(stack), ref.median(stack), rtol=1e-6)
+    for beta in (0.0, 0.1, 0.3):
+        with np.errstate(over="ignore"):
+            expected = ref.trimmed_mean(stack, beta)
+        np.testing.assert_allclose(agg.trimmed_mean(stack, beta), expected, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 300), d=st.integers(1, 40), seed=st.integers(0, 2**31), levels=st.integers(1, 50))
+def test_counting_path_matches_reference(n, d, seed, levels):
+    rng = np.random.default_rng(seed)
+    stack = (rng.integers(0, levels, (n, d)) + rng.standard_normal((n, d)) * (seed % 2)).astype(np.float32)
+    limits = agg._NETWORK_MAX_N
+    agg._NETWORK_MAX_N = {0: 0, 1: 0}
+    try:
+        np.testing.assert_allclose(agg.median(stack), ref.median(stack), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(agg.trimmed_mean(stack, 0.2), ref.trimmed_mean(stack, 0.2), rtol=1e-5, atol=1e-5)
+    finally:
+        agg._NETWORK_MAX_N = limits
+
+
 def test_select_path_survives_adversarial_orders():
     # sorted, reverse-sorted and organ-pipe columns: no quadratic blow-up, right answer
     n = 2001
