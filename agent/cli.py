@@ -4,7 +4,7 @@
 
     fedgate-agent run --config /etc/fedgate/agent.toml
     fedgate-agent check --config agent.toml [--json]
-    fedgate-agent keygen --name press-07 [--dir /etc/fedgate/keys] [--force]
+    fedgate-agent keygen press-07 [--dir /etc/fedgate/keys] [--force]
     fedgate-agent status --config agent.toml [--json]     (or --state FILE)
 
 Imports are lazy so ``run`` reaches systemd readiness quickly.
@@ -143,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="agent.toml")
     sub.add_parser("check", help="read every configured device once (--config FILE [--json])")
     p = sub.add_parser("keygen", help="write this agent's CURVE key pair")
-    p.add_argument("--name", required=True, help="the agent's name ([agent] name); the key files' stem")
+    p.add_argument("name", nargs="?", help="the agent's name ([agent] name); the key files' stem")
+    p.add_argument("--name", dest="name_opt", help=argparse.SUPPRESS)
     p.add_argument("--dir", default=".", help="directory for NAME.key and NAME.key_secret")
     p.add_argument("--force", action="store_true", help="replace existing key files")
     p = sub.add_parser("status", help="show the running agent's state")
@@ -155,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "run":
         return _cmd_run(args)
     if args.cmd == "keygen":
+        args.name = args.name or args.name_opt
+        if not args.name:
+            ap.error("keygen needs the agent's name")
         return _cmd_keygen(args)
     return _cmd_status(args)
 
