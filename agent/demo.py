@@ -311,7 +311,6 @@ class Demo:
     def follow_rounds(self) -> None:
         printed_stats = False
         next_round = 1
-        last_bytes = self._bytes() or 0.0
         last_progress = time.monotonic()
         train_seen_at: dict[int, float] = {}
         while next_round <= self.rounds:
@@ -332,11 +331,12 @@ class Demo:
                 ready.append(rnd)
                 rnd += 1
             if ready:
+                # Rounds take milliseconds, so several may commit between two looks at the server's
+                # byte counters: show the average per round so far (all traffic since the server started).
                 moved = self._bytes()
-                share = None if moved is None else (moved - last_bytes) / len(ready)
-                last_bytes = moved if moved is not None else last_bytes
+                share = None if moved is None else moved / ready[-1]
                 for r in ready:
-                    self._print_round(r, rows[(r, "train")], rows.get((r, "evaluate")), share, len(ready) > 1)
+                    self._print_round(r, rows[(r, "train")], rows.get((r, "evaluate")), share, True)
                 next_round = ready[-1] + 1
                 last_progress = time.monotonic()
                 continue
@@ -361,7 +361,7 @@ class Demo:
         self.round_rows.append(row)
         self.result["rounds"] = self.round_rows
         width = len(str(self.rounds))
-        moved_text = "-" if moved is None else ("~" if shared else "") + _kb(moved)
+        moved_text = "-" if moved is None else _kb(moved) + ("/round (mean)" if shared else "")
         _out(f"round {rnd:>{width}}/{self.rounds}  agents {train['n']}  train loss {_num(loss, '.3f')}  "
              f"val F1 {_num(summary['f1'], '.2f')}  AUC {_num(summary['auc'], '.2f')}  "
              f"moved {moved_text}  {seconds:.2f} s")
@@ -415,7 +415,7 @@ class Demo:
             data[s.name] = load_site(self.db(s), names)
         results = compare(self.sites, data, tests, spec=fed["model"], hyper=fed, rounds=self.rounds,
                           threshold=0.5, horizon_s=self.timing.horizon_s * SPEED)
-        table = format_table(results, (start / 3600.0, end / 3600.0))
+        table = format_table(results, (start / 3600.0, end / 3600.0), self.timing.horizon_s * SPEED / 60.0)
         _out("")
         _out(table)
         self.result["sites"] = [r.to_dict() for r in results]

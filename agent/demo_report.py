@@ -251,34 +251,48 @@ def _f(v: float | None) -> str:
     return "   -" if v is None or not math.isfinite(v) else f"{v:4.2f}"
 
 
-def format_table(results: Sequence[SiteResult], span_h: tuple[float, float]) -> str:
+def format_table(results: Sequence[SiteResult], span_h: tuple[float, float], horizon_min: float) -> str:
     """The final table, as printed."""
-    head = (f"Was federation worth it?  Held-out data: plant hours {span_h[0]:g}-{span_h[1]:g} of each site "
-            "(its own future, never trained on).\n"
-            "F1 of the fault warning (alarm at p >= 0.5, label: fault within the horizon) and faults warned ahead.\n")
-    cols = (f"{'site':<8} {'profile':<9} {'link':<20} {'own history':>14}  "
-            f"{'F1 federated':>12} {'local-only':>10} {'centralized':>11}   "
-            f"{'warned: fed':>11} {'local':>6} {'central':>7}")
-    lines = [head, cols, "-" * len(cols)]
+    out = [
+        "Was federation worth it?",
+        f"Held-out data: plant hours {span_h[0]:g} to {span_h[1]:g} of each site, its own future (simulator "
+        "ground truth,",
+        f"never trained on). Label: a fault within the next {horizon_min:g} plant minutes; alarm when p >= 0.5.",
+        "",
+        f"{'':<48}{'F1 of the warning':^26}   {'faults warned ahead':^26}",
+        f"{'site':<7} {'profile':<9} {'link':<19} {'history':>8}  "
+        f"{'federated':>9} {'local':>7} {'central':>8}   {'federated':>9} {'local':>7} {'central':>8}",
+    ]
+    rule = "-" * len(out[-1])
+    out.append(rule)
     for r in results:
-        hist = f"{r.n_train} ({r.n_train_positive} pos)"
-        n = r.n_faults
-        lines.append(
-            f"{r.site.name:<8} {r.site.profile:<9} {r.site.link_text:<20} {hist:>14}  "
-            f"{_f(r.f1['federated']):>12} {_f(r.f1['local']):>10} {_f(r.f1['central']):>11}   "
-            f"{r.warned['federated']:>7}/{n:<3} {r.warned['local']:>3}/{n:<2} {r.warned['central']:>4}/{n:<2}")
-    lines.append("-" * len(cols))
+        out.append(
+            f"{r.site.name:<7} {r.site.profile:<9} {r.site.link_text:<19} {r.n_train:>4}/{r.n_train_positive:<3}  "
+            f"{_f(r.f1['federated']):>9} {_f(r.f1['local']):>7} {_f(r.f1['central']):>8}   " + _warn_cells(r))
+    out.append(rule)
     mean = {k: float(np.mean([r.f1[k] for r in results])) for k in ("federated", "local", "central")}
-    lines.append(f"{'mean over sites':<55}  {_f(mean['federated']):>12} {_f(mean['local']):>10} "
-                 f"{_f(mean['central']):>11}")
+    faults = sum(r.n_faults for r in results)
+    total = {k: sum(r.warned[k] for r in results) for k in ("federated", "local", "central")}
+    out.append(f"{'all sites (mean F1, faults warned)':<48}{_f(mean['federated']):>9} {_f(mean['local']):>7} "
+               f"{_f(mean['central']):>8}   {total['federated']:>6}/{faults:<2} {total['local']:>4}/{faults:<2} "
+               f"{total['central']:>5}/{faults:<2}")
     trivial = 'always "no fault" (trivial baseline)'
-    lines.append(f"{trivial:<55}  {_f(0.0):>12}")
+    out.append(f"{trivial:<48}{_f(0.0):>9} {'':>7} {'':>8}   {0:>6}/{faults:<2}")
+    out.append("")
+    out.append("history: labelled samples the site's agent stored / of them with a fault ahead. federated: the global "
+               "model;")
+    out.append("local: trained on the site's own history only; central: trained on all sites' histories pooled.")
     for r in results:
         if r.n_train_positive == 0 and r.n_faults:
-            lines.append("")
-            lines.append(
+            out.append("")
+            out.append(
                 f"{r.site.name} ({r.site.profile}) had no fault in its own history, so a local-only model has "
-                f"nothing to learn a warning from: it warned of {r.warned['local']} of the site's {r.n_faults} "
-                f"coming fault(s). The federated model, which learned from the other sites without seeing "
-                f"their data, warned of {r.warned['federated']}.")
-    return "\n".join(lines)
+                f"nothing to learn a warning from:\nit warned of {r.warned['local']} of the site's {r.n_faults} "
+                f"coming fault(s). The federated model, which learned from the other sites without\nseeing their "
+                f"data, warned of {r.warned['federated']}.")
+    return "\n".join(line.rstrip() for line in out)
+
+
+def _warn_cells(r: SiteResult) -> str:
+    n = r.n_faults
+    return (f"{r.warned['federated']:>6}/{n:<2} {r.warned['local']:>4}/{n:<2} {r.warned['central']:>5}/{n:<2}")

@@ -98,7 +98,7 @@ class Site:
 
     @property
     def link_text(self) -> str:
-        return {"rtu": "Modbus RTU (pty)", "tcp": "Modbus TCP", "tcp+sensor": "TCP + serial sensor"}[self.link]
+        return {"rtu": "Modbus RTU (pty)", "tcp": "Modbus TCP", "tcp+sensor": "TCP + NMEA sensor"}[self.link]
 
 
 SITES: tuple[Site, ...] = (
