@@ -87,9 +87,9 @@ def write_config(root: Path, *, keys: dict[str, Any] | None = None, federation: 
 class ServerThread:
     """A Server running its loop in a thread (stopped and joined by :meth:`stop`)."""
 
-    def __init__(self, cfg: ServerConfig | Path) -> None:
+    def __init__(self, cfg: ServerConfig | Path, *, serve_metrics: bool = False) -> None:
         self.cfg = cfg if isinstance(cfg, ServerConfig) else load_config(cfg)
-        self.server = Server(self.cfg, serve_metrics=False)
+        self.server = Server(self.cfg, serve_metrics=serve_metrics)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="test-server")
         self.thread.start()
