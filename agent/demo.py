@@ -49,9 +49,12 @@ HELD_OUT_LEN_S = 3.5 * 3600.0  # ... and how long it lasts
 _HEADER = "Written by fedgate-demo for one site of the demo federation (a temporary file)."
 
 
+_STREAM = [sys.stdout]
+
+
 def _out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    _STREAM[0].write(line + "\n")
+    _STREAM[0].flush()
 
 
 def _ro(path: Path) -> sqlite3.Connection:
@@ -121,6 +124,7 @@ class Demo:
         self.start_server()
         self.follow_rounds()
         self.wait_for_models()
+        self.show_live()
         self.stop_daemons()
         self.report()
         self.result["ok"] = True
@@ -135,7 +139,7 @@ class Demo:
         for d in (keys, allow, self.dir / "logs"):
             d.mkdir(parents=True, exist_ok=True)
         jobs = [("keygen-server", command("fedgate-server") + ["keygen", "server", "--dir", str(keys)])]
-        jobs += [(f"keygen-{s.name}", command("fedgate-agent") + ["keygen", "--name", s.name, "--dir", str(keys)])
+        jobs += [(f"keygen-{s.name}", command("fedgate-agent") + ["keygen", s.name, "--dir", str(keys)])
                  for s in self.sites]
         for name, argv in jobs:
             self.sup.spawn(name, argv, self.dir / "logs" / f"{name}.log")
@@ -381,6 +385,36 @@ class Demo:
         wait_until(all_have, 30, f"every agent holding the global model of round {self.rounds}",
                    poll_s=0.2, check=lambda: self.sup.check_alive(self._daemons()))
 
+    def _state(self, site: Site) -> dict[str, Any]:
+        path = self.site_dir(site) / "data" / "agent.state.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def show_live(self, seconds: float = 6.0) -> None:
+        """A few seconds of the global model at work on every gateway (from the agents' state files)."""
+        _out(f"live: every agent now scores each new window with the global model of round {self.rounds} "
+             "and writes the score to its PLC (holding register 0), the alarm to coil 1")
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(2.0)
+            self.sup.check_alive(self._daemons())
+            cells = []
+            for s in self.sites:
+                pred = self._state(s).get("prediction") or {}
+                score = pred.get("score")
+                text = "-" if not isinstance(score, (int, float)) else f"p {score:.2f}"
+                cells.append(f"{s.name} {text}{' ALARM' if pred.get('alarm') else ''}")
+            _out("live  " + "   ".join(cells))
+        writes = errors = 0
+        for s in self.sites:
+            pred = self._state(s).get("prediction") or {}
+            writes += int(pred.get("predictions") or 0)
+            errors += int(pred.get("write_errors") or 0)
+        self.result["live"] = {"predictions": writes, "write_errors": errors}
+        _out(f"live: {writes} predictions written back to the PLCs, {errors} write errors")
+
     def stop_daemons(self) -> None:
         self.stop_wall = time.time()
         codes = self.sup.stop_all(order=[self._agent_names(), ["server"]])
@@ -443,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=float, default=75.0, metavar="SECONDS",
                     help="history the agents collect before the server starts (default 75)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (keys, configs, logs, databases)")
-    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    ap.add_argument("--json", metavar="PATH",
+                    help="also write the results as JSON to PATH ('-': JSON on stdout, progress on stderr)")
     ap.add_argument("--workdir", metavar="DIR", help=argparse.SUPPRESS)
     return ap
 
@@ -464,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.warmup < 0:
         build_parser().error("--warmup must be >= 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _STREAM[0] = sys.stderr if args.json == "-" else sys.stdout
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -486,7 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         demo.cleanup()
         demo.result["pids"] = demo.sup.pids()
-        if args.json:
+        if args.json == "-":
+            sys.stdout.write(json.dumps(demo.result, indent=2, default=str) + "\n")
+            sys.stdout.flush()
+        elif args.json:
             Path(args.json).write_text(json.dumps(demo.result, indent=2, default=str))
     return code
 
