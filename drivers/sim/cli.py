@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sensor.add_argument("--sensor-pty", metavar="LINK", help="emit sensor lines into a pty; symlink the reader side at LINK")
     sensor.add_argument("--sensor-format", choices=[f.value for f in SensorFormat], default="nmea")
     sensor.add_argument("--sensor-rate", type=float, default=2.0, help="lines per real second (default 2)")
+    sensor.add_argument("--sensor-request", metavar="CMD",
+                        help="request/response mode: answer each CMD line with one reading instead of streaming")
     sensor.add_argument("--sensor-machine", type=int, default=0, help="machine the sensor sits on (default 0)")
     sensor.add_argument("--garbage-rate", type=float, default=0.0, help="share of garbage lines, 0..1 (default 0)")
     dump = ap.add_argument_group("ground truth")
@@ -192,9 +194,15 @@ async def _serve(args: argparse.Namespace, plant: Plant) -> int:
             writer = open_pty_writer(args.sensor_pty)
             emitter = SensorEmitter(plant, args.sensor_format, machine=args.sensor_machine,
                                     garbage_rate=args.garbage_rate, seed=args.seed)
-            sensor_task = loop.create_task(emitter.stream(writer, args.sensor_rate), name="fedgate-sim-sensor")
+            if args.sensor_request:
+                job = emitter.answer(writer, args.sensor_request)
+                mode = f"answers {args.sensor_request!r}"
+            else:
+                job = emitter.stream(writer, args.sensor_rate)
+                mode = f"{args.sensor_rate:g} lines/s"
+            sensor_task = loop.create_task(job, name="fedgate-sim-sensor")
             info.update(sensor_path=writer.path, sensor_tty=writer.tty, sensor_format=args.sensor_format)
-            log.info("serial sensor (%s, %s lines/s) at %s", args.sensor_format, args.sensor_rate, writer.path)
+            log.info("serial sensor (%s, %s) at %s", args.sensor_format, mode, writer.path)
         if args.ready_file:
             _write_ready(args.ready_file, info)
         print(json.dumps(info), flush=True)

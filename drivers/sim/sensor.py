@@ -7,6 +7,8 @@ A vibration transmitter bolted to machine ``machine`` emits one line per reading
 - ``kv``: ``vib_rms=<mm/s> temp_c=<degC> step=<n>`` (logfmt);
 - ``csv``: ``<vib_rms>,<temp_c>,<step>`` (columns 0, 1, 2).
 
+It streams at a rate (:meth:`SensorEmitter.stream`) or, like a request/response
+instrument, answers each poll command with one reading (:meth:`SensorEmitter.answer`).
 With ``garbage_rate`` > 0 a seeded share of lines is replaced by the faults a
 real line shows: binary noise, a truncated line, a bad checksum (nmea) or an
 unparsable value, an overlong line, an empty line.
@@ -79,6 +81,7 @@ class SensorEmitter:
         self.lines = 0
         self.garbage_lines = 0
         self.dropped_lines = 0
+        self.requests = 0
 
     def format_reading(self) -> str:
         """The current reading as one line (no terminator)."""
@@ -131,3 +134,28 @@ class SensorEmitter:
                 next_t = loop.time()
                 delay = 0.0
             await asyncio.sleep(max(delay, 0.0))
+
+    async def answer(self, writer: PtyWriter, request: str, terminator: bytes = b"\r\n", poll_s: float = 0.005) -> None:
+        """Request/response mode: answer each ``request`` line the reader sends with one reading.
+
+        Lines are matched without surrounding whitespace; other commands get ``ERR``
+        (the way many ASCII instruments refuse an unknown command). Runs until cancelled.
+        """
+        want = request.strip().encode("ascii")
+        if not want:
+            raise ValueError("request must not be empty")
+        pending = b""
+        while True:
+            pending += writer.drain_echo()
+            while b"\n" in pending or b"\r" in pending:
+                cut = min(i for i in (pending.find(b"\n"), pending.find(b"\r")) if i >= 0)
+                line, pending = pending[:cut].strip(), pending[cut + 1 :]
+                if not line:
+                    continue
+                self.requests += 1
+                reply = self.next_line() if line == want else b"ERR"
+                if not writer.write_line(reply, terminator):
+                    self.dropped_lines += 1
+            if len(pending) > 4096:  # a reader sending garbage without terminators
+                pending = b""
+            await asyncio.sleep(poll_s)

@@ -188,3 +188,27 @@ def test_start_at_fast_forwards_the_same_trajectory(tmp_path):
     assert late[0] == whole[0]
     assert late[1:11] == whole[21:31]  # rows for steps 21..30
     assert late[1].startswith("21,21,0,1,heavy,")
+
+
+def test_sensor_in_request_response_mode(tmp_path):
+    vib = tmp_path / "ttyVIB"
+    proc, info = _start(tmp_path, "--tcp", "127.0.0.1:0", "--sensor-pty", str(vib), "--sensor-format", "kv",
+                        "--sensor-request", "SI", "--speed", "0")
+    try:
+        with serial.Serial(str(vib), timeout=0.5) as port:
+            time.sleep(0.3)
+            assert port.read(256) == b"", "a polled instrument says nothing unasked"
+            answers = []
+            for cmd in (b"SI\r\n", b"XYZ\r\n", b"  SI\n"):
+                port.write(cmd)
+                deadline = time.monotonic() + 20
+                line = b""
+                while not line.endswith(b"\r\n") and time.monotonic() < deadline:
+                    line += port.readline()
+                answers.append(line)
+        assert answers[0].startswith(b"vib_rms=") and b" step=1" in answers[0]
+        assert answers[1] == b"ERR\r\n"
+        assert answers[2] == answers[0], "paused plant: the same reading again"
+    finally:
+        rc, err = _stop(proc)
+    assert rc == 0, err
