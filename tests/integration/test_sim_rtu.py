@@ -41,3 +41,12 @@ def test_rtu_two_units_on_one_line(tmp_path):
         finally:
             quiet.close()
     assert link.bytes_a_to_b > 0 and link.bytes_b_to_a > 0
+
+
+def test_unopenable_port_raises_a_driver_error_and_leaks_nothing(tmp_path):
+    from fedgate.core.errors import DriverError
+
+    srv = ServerThread(PlantServer(Plant([PROFILES["standard"]]), speed=0), rtu=str(tmp_path / "no-such-tty"))
+    with pytest.raises(DriverError, match="no-such-tty"):
+        srv.start()
+    srv.close()  # harmless after a failed start

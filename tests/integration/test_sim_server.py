@@ -195,3 +195,17 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(server_mod)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_port_in_use_raises_a_driver_error():
+    import socket
+
+    from fedgate.core.errors import DriverError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        srv = ServerThread(PlantServer(Plant([PROFILES["standard"]]), speed=0), tcp=("127.0.0.1", port))
+        with pytest.raises(DriverError, match=str(port)):
+            srv.start()
