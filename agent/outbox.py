@@ -122,17 +122,13 @@ class Outbox:
         self._write("INSERT OR REPLACE INTO uplink_outbox"
                     "(task_id, round, kind, fields, payload, created_ts, sends) VALUES (?,?,?,?,?,?,?)", row)
 
-    def mark_sent(self, task_id: str) -> None:
-        """Count one more send of ``task_id``."""
-        self._write("UPDATE uplink_outbox SET sends = sends + 1 WHERE task_id = ?", (task_id,))
-
     def remove(self, task_id: str) -> bool:
         """Delete one entry; True if it was there."""
-        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,)) > 0
+        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,), durable=False) > 0
 
     def drop_through(self, round_: int) -> int:
         """Delete every entry of a round ``<= round_`` (those rounds are committed)."""
-        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),))
+        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),), durable=False)
 
     # -- reads --------------------------------------------------------------------
     def get(self, task_id: str) -> OutboxEntry | None:
@@ -163,10 +159,12 @@ class Outbox:
                 self._db = None  # type: ignore[assignment]
 
     # -- internals ----------------------------------------------------------------
-    def _write(self, sql: str, args: tuple[Any, ...]) -> int:
+    def _write(self, sql: str, args: tuple[Any, ...], *, durable: bool = True) -> int:
         with self._lock:
             db = self._conn()
             try:
+                if not durable:
+                    db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     cur = db.execute(sql, args)
@@ -177,6 +175,9 @@ class Outbox:
                 return cur.rowcount
             except sqlite3.Error as exc:
                 raise StoreError(f"outbox {self.path}: write failed: {exc}") from exc
+            finally:
+                if not durable:
+                    db.execute("PRAGMA synchronous=FULL")
 
     def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:

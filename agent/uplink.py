@@ -106,6 +106,7 @@ class Uplink:
         self._outbox_count = self._outbox.count()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._sock: zmq.asyncio.Socket | None = None
+        self._sync: zmq.Socket | None = None  # a blocking-API shadow of _sock for NOBLOCK fast paths
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._stop_requested = False
@@ -130,6 +131,7 @@ class Uplink:
             while not self._stop_event.is_set():
                 sock = make_dealer(ctx, self.cfg, self._keys, self._heartbeat_s())
                 self._sock = sock
+                self._sync = zmq.Socket.shadow(sock.underlying)
                 welcomed = refused = False
                 try:
                     welcomed, refused = await self._session(sock)
@@ -137,7 +139,7 @@ class Uplink:
                     self.counters["session_errors"] += 1
                     log.warning("uplink session to %s failed: %s", self.cfg.server, exc)
                 finally:
-                    self._sock = None
+                    self._sock = self._sync = None
                     self._registered = False
                     sock.close(linger=0 if self._stop_event.is_set() else LINGER_MS)
                 if self._stop_event.is_set():
@@ -244,17 +246,26 @@ class Uplink:
             timeout_s = min(_TICK_S, max(0.0, due - now))
             if not await sock.poll(int(timeout_s * 1000) + 1, zmq.POLLIN):
                 continue
-            frames = await sock.recv_multipart(copy=False)
-            last_rx = time.monotonic()
-            self._last_contact_ts = time.time()
-            outcome = await self._dispatch(sock, frames)
-            if outcome == "welcome":
-                welcomed = True
-                next_hb = time.monotonic() + self._heartbeat_s()
-            elif outcome == "refuse":
-                return welcomed, True
-            elif outcome == "reregister":
-                next_hello = time.monotonic()
+            # drain everything queued with cheap non-blocking receives (no future per message)
+            sync = self._sync
+            assert sync is not None
+            while True:
+                try:
+                    frames = sync.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                last_rx = time.monotonic()
+                self._last_contact_ts = time.time()
+                outcome = await self._dispatch(sock, frames)
+                if outcome == "welcome":
+                    welcomed = True
+                    next_hb = time.monotonic() + self._heartbeat_s()
+                elif outcome == "refuse":
+                    return welcomed, True
+                elif outcome == "reregister":
+                    next_hello = time.monotonic()
+                if self._stop_event.is_set():
+                    break
         if self._registered:
             self._send_nowait(sock, MsgType.BYE, {"agent": self.agent_name})
         return welcomed, False
@@ -276,14 +287,12 @@ class Uplink:
     def _send_nowait(self, sock: zmq.asyncio.Socket, msg_type: MsgType, fields: dict[str, Any]) -> bool:
         """Send a small message now or not at all (nothing is queued to a missing peer)."""
         frames = protocol.encode(msg_type, fields)
+        exc: zmq.ZMQError | None = None
         try:
-            fut = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            exc = fut.exception() if fut.done() else None
+            (self._sync or zmq.Socket.shadow(sock.underlying)).send_multipart(frames, flags=zmq.NOBLOCK,
+                                                                              copy=False)
         except zmq.ZMQError as err:
             exc = err
-        else:
-            if not fut.done():  # pragma: no cover - NOBLOCK sends resolve at once
-                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         if exc is not None:
             self.counters["send_blocked" if isinstance(exc, zmq.Again) else "send_errors"] += 1
             log.debug("uplink: %s not sent: %s", msg_type.value, exc)
@@ -302,7 +311,11 @@ class Uplink:
             return False
         frames = protocol.encode(MsgType.RESULT, entry.fields, entry.payload)
         try:
-            await asyncio.wait_for(sock.send_multipart(frames, copy=False), self._dead_after_s())
+            try:  # fast path: the queue has room
+                (self._sync or zmq.Socket.shadow(sock.underlying)).send_multipart(
+                    frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                await asyncio.wait_for(sock.send_multipart(frames, copy=False), self._dead_after_s())
         except (asyncio.TimeoutError, zmq.ZMQError) as exc:
             self.counters["result_send_failed"] += 1
             log.info("uplink: result of task %s not sent (%s); kept in the outbox", entry.task_id, exc or "timeout")
@@ -385,11 +398,11 @@ class Uplink:
             self._loop.create_task(self._send_result(stored, resend=True))
             return
         self.counters["tasks_received"] += 1
-        data = None if payload is None else bytes(payload)
-        runner = asyncio.get_running_loop().create_task(self._run_task(task, data))
+        # the memoryview keeps its zmq frame alive; no copy of the global params here
+        runner = asyncio.get_running_loop().create_task(self._run_task(task, payload))
         self._running[task.task_id] = runner
 
-    async def _run_task(self, task: Task, payload: bytes | None) -> None:
+    async def _run_task(self, task: Task, payload: memoryview | None) -> None:
         assert self._executor is not None
         loop = asyncio.get_running_loop()
         try:
@@ -404,11 +417,17 @@ class Uplink:
         self._outbox_count += 1
         await self._send_result(entry)
 
-    def _work(self, task: Task, payload: bytes | None) -> OutboxEntry:
+    def _work(self, task: Task, payload: memoryview | None) -> OutboxEntry:
         """Worker thread: decode the global params, run the handler, encode and store."""
+        t0 = time.perf_counter()
         global_params = None if payload is None else self._encoder.decode(payload)
         outcome = self.handler.run_task(task, global_params)
-        return self._encoder.store(task, outcome, global_params)
+        t1 = time.perf_counter()
+        entry = self._encoder.store(task, outcome, global_params)
+        t2 = time.perf_counter()
+        self.counters["handler_s_total"] += t1 - t0
+        self.counters["store_s_total"] += t2 - t1
+        return entry
 
     def _on_ack(self, f: dict[str, Any]) -> None:
         status = f["status"]
@@ -426,7 +445,7 @@ class Uplink:
     def _on_model(self, f: dict[str, Any], payload: memoryview | None) -> None:
         assert payload is not None  # the protocol requires it
         try:
-            params = self._encoder.decode(bytes(payload))
+            params = self._encoder.decode(payload)
             model = GlobalModel(round=int(f["round"]), spec=dict(f["spec"]), features=list(f["features"]),
                                 label=str(f["label"]), scaler=f.get("scaler"), params=params)
         except ProtocolError as exc:

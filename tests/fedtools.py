@@ -204,6 +204,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         handler = SynthHandler(args.seed, args.n_samples, args.n_features,
                                Path(args.model_out) if args.model_out else None, args.train_delay)
     uplink = Uplink(cfg, agent_name=args.name, db_path=args.db, handler=handler)
+    cpu_start = time.process_time()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -217,6 +218,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(json.dumps({
             "name": args.name, "vm_hwm_kb": _peak_rss_kb(), "tasks": handler.task_log, "status": status,
+            "cpu_s": time.process_time(), "cpu_s_at_start": cpu_start,
         }))
     return 0
 
