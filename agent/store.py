@@ -74,13 +74,18 @@ CREATE TABLE IF NOT EXISTS agent_counters (
 """
 
 
-def open_connection(path: str | Path, *, timeout_s: float = 10.0) -> sqlite3.Connection:
-    """A connection to the agent database with the pragmas every user of it needs."""
+def open_connection(path: str | Path, *, timeout_s: float = 10.0, cache_kib: int = 512) -> sqlite3.Connection:
+    """A connection to the agent database with the pragmas every user of it needs.
+
+    The page cache is kept small (``cache_kib``): reads are sequential scans and
+    writes append, so a big cache would only cost a small gateway memory.
+    """
     try:
         conn = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path}: cannot open the agent database: {exc}") from exc
     return conn
@@ -246,46 +251,101 @@ class Store:
         with self._lock:
             return [json.loads(n) for (n,) in self._conn.execute("SELECT names FROM agent_layouts ORDER BY id")]
 
-    def load_samples(self, features: Sequence[str], *, labelled: bool = True, limit: int | None = None) -> SampleSet:
-        """Rows whose layout has every name of ``features``, columns in that order.
+    def sample_index(self, features: Sequence[str], *, labelled: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, ts)`` (int64 (N,), float64 (N,)) of the rows :meth:`load_samples` would return.
 
-        Reads through its own connection, so it may run in a worker thread while the
-        main loop keeps writing. ``limit`` keeps the most recent rows.
+        Lets a caller plan a split and read the rows block by block (``id_range``)
+        without holding every feature vector in memory.
         """
         conn = open_connection(self.path)
         try:
-            layouts = {int(i): json.loads(n) for i, n in conn.execute("SELECT id, names FROM agent_layouts")}
-            usable = {lid: [names.index(f) for f in features] for lid, names in layouts.items()
-                      if all(f in names for f in features)}
+            conn.execute("BEGIN")
+            usable, _ = self._usable(conn, features)
             if not usable:
-                return SampleSet(np.zeros(0), np.zeros((0, len(features)), np.float32), np.zeros(0))
-            marks = ",".join("?" * len(usable))
-            where = f"layout IN ({marks})" + (" AND y IS NOT NULL" if labelled else "")
-            sql = f"SELECT ts, layout, x, y FROM agent_samples WHERE {where} ORDER BY id"
-            args: list[Any] = list(usable)
-            if limit is not None:
-                sql = (f"SELECT * FROM (SELECT id, ts, layout, x, y FROM agent_samples WHERE {where} "
-                       f"ORDER BY id DESC LIMIT ?) ORDER BY id")
-                args.append(int(limit))
-            rows = conn.execute(sql, args).fetchall()
+                return np.zeros(0, np.int64), np.zeros(0)
+            where, args = self._where(usable, labelled)
+            n = int(conn.execute(f"SELECT COUNT(*) FROM agent_samples WHERE {where}", args).fetchone()[0])
+            ids = np.empty(n, dtype=np.int64)
+            ts = np.empty(n, dtype=np.float64)
+            cur = conn.execute(f"SELECT id, ts FROM agent_samples WHERE {where} ORDER BY id", args)
+            i = 0
+            while i < n:
+                chunk = cur.fetchmany(min(2048, n - i))
+                if not chunk:
+                    break
+                ids[i:i + len(chunk)] = [r[0] for r in chunk]
+                ts[i:i + len(chunk)] = [r[1] for r in chunk]
+                i += len(chunk)
+            conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: reading samples failed: {exc}") from exc
         finally:
             conn.close()
-        if limit is not None:
-            rows = [r[1:] for r in rows]
-        n = len(rows)
-        ts = np.fromiter((r[0] for r in rows), dtype=np.float64, count=n)
-        y = np.fromiter((np.nan if r[3] is None else r[3] for r in rows), dtype=np.float64, count=n)
-        x = np.empty((n, len(features)), dtype=np.float32)
-        by_layout: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):
-            by_layout.setdefault(int(r[1]), []).append(i)
-        for lid, idx in by_layout.items():
-            width = len(layouts[lid])
-            blob = b"".join(rows[i][2] for i in idx)
-            full = np.frombuffer(blob, dtype="<f4").reshape(len(idx), width)
-            x[idx] = full[:, usable[lid]]
+        return ids[:i], ts[:i]
+
+    @staticmethod
+    def _usable(conn: sqlite3.Connection, features: Sequence[str]) -> tuple[dict[int, np.ndarray], dict[int, list[str]]]:
+        layouts = {int(i): json.loads(n) for i, n in conn.execute("SELECT id, names FROM agent_layouts")}
+        usable = {lid: np.array([names.index(f) for f in features], dtype=np.intp)
+                  for lid, names in layouts.items() if all(f in names for f in features)}
+        return usable, layouts
+
+    @staticmethod
+    def _where(usable: dict[int, np.ndarray], labelled: bool) -> tuple[str, list[Any]]:
+        marks = ",".join("?" * len(usable))
+        return f"layout IN ({marks})" + (" AND y IS NOT NULL" if labelled else ""), list(usable)
+
+    def load_samples(self, features: Sequence[str], *, labelled: bool = True, limit: int | None = None,
+                     id_range: tuple[int, int] | None = None) -> SampleSet:
+        """Rows whose layout has every name of ``features``, columns in that order.
+
+        Reads through its own connection, so it may run in a worker thread while the
+        main loop keeps writing. ``limit`` keeps the most recent rows; ``id_range``
+        (inclusive, from :meth:`sample_index`) reads one block.
+        """
+        conn = open_connection(self.path)
+        try:
+            conn.execute("BEGIN")  # one snapshot for the count and the rows
+            usable, layouts = self._usable(conn, features)
+            if not usable:
+                return SampleSet(np.zeros(0), np.zeros((0, len(features)), np.float32), np.zeros(0))
+            where, args = self._where(usable, labelled)
+            if id_range is not None:
+                where += " AND id BETWEEN ? AND ?"
+                args += [int(id_range[0]), int(id_range[1])]
+            if limit is not None:
+                row = conn.execute(f"SELECT id FROM agent_samples WHERE {where} ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                   [*args, max(int(limit) - 1, 0)]).fetchone()
+                if row is not None:
+                    where += " AND id >= ?"
+                    args.append(int(row[0]))
+            n = int(conn.execute(f"SELECT COUNT(*) FROM agent_samples WHERE {where}", args).fetchone()[0])
+            ts = np.empty(n, dtype=np.float64)
+            y = np.empty(n, dtype=np.float64)
+            x = np.empty((n, len(features)), dtype=np.float32)
+            cur = conn.execute(f"SELECT ts, layout, x, y FROM agent_samples WHERE {where} ORDER BY id", args)
+            i = 0
+            while i < n:  # bounded chunks: the rows never sit in memory as Python objects all at once
+                chunk = cur.fetchmany(min(2048, n - i))
+                if not chunk:
+                    break
+                m = len(chunk)
+                ts[i:i + m] = [r[0] for r in chunk]
+                y[i:i + m] = [np.nan if r[3] is None else r[3] for r in chunk]
+                lids = {r[1] for r in chunk}
+                for lid in lids:
+                    idx = [j for j, r in enumerate(chunk) if r[1] == lid] if len(lids) > 1 else range(m)
+                    blob = b"".join(chunk[j][2] for j in idx)
+                    full = np.frombuffer(blob, dtype="<f4").reshape(len(idx), len(layouts[lid]))
+                    x[i + np.asarray(idx, dtype=np.intp)] = full[:, usable[lid]]
+                i += m
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: reading samples failed: {exc}") from exc
+        finally:
+            conn.close()
+        if i < n:
+            ts, x, y = ts[:i], x[:i], y[:i]
         return SampleSet(ts=ts, x=x, y=y)
 
     # ------------------------------------------------------------------ model
