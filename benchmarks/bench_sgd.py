@@ -7,7 +7,8 @@ Two paths that matter on a gateway:
    same float64 array (n = 1e6, d in {8, 32, 128}); fedgate is also timed on a
    float32 copy (its native storage dtype, prepared outside the timing);
 2. many small calls (64 rows each, the agent's incremental training): ``Model.fit``
-   vs ``SGDClassifier.partial_fit``.
+   vs ``SGDClassifier.partial_fit``;
+3. (context) a few MLP epochs vs ``MLPClassifier(solver="sgd", momentum=0)``.
 
 Each timing is the median of several repeats; the table gives samples/s, the ratio
 (fedgate / scikit-learn throughput) and both models' test accuracy.
@@ -29,10 +30,13 @@ from typing import Any, Callable
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import SGDClassifier
+from sklearn.neural_network import MLPClassifier
 
 from fedgate.core import Model, ModelSpec
 
 CHUNK = 64
+POOL = 256
+MLP_EPOCHS = 3
 
 
 def make_data(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,12 +75,17 @@ def bench_epoch(n: int, d: int, repeats: int, lr: float, batch_size: int) -> dic
             return model
         return run
 
+    def convert_then_fit() -> Model:
+        # the alternative design: one float32 kernel, float64 input converted per call
+        return fedgate_fit(X_train.astype(np.float32))()
+
     t_sk, clf = timed(sklearn_fit, repeats)
     t_64, m64 = timed(fedgate_fit(X_train), repeats)
     t_32, m32 = timed(fedgate_fit(X32), repeats)
+    t_cv, _ = timed(convert_then_fit, repeats)
     return {
         "n": n, "d": d,
-        "sklearn_s": t_sk, "fedgate_f64_s": t_64, "fedgate_f32_s": t_32,
+        "sklearn_s": t_sk, "fedgate_f64_s": t_64, "fedgate_f32_s": t_32, "convert_then_f32_s": t_cv,
         "ratio_f64": t_sk / t_64, "ratio_f32": t_sk / t_32,
         "acc_sklearn": float(clf.score(X_test, y_test)),
         "acc_fedgate_f64": float((m64.predict(X_test) == y_test).mean()),
@@ -85,18 +94,22 @@ def bench_epoch(n: int, d: int, repeats: int, lr: float, batch_size: int) -> dic
 
 
 def bench_small_calls(d: int, calls: int, sk_calls: int, repeats: int) -> dict[str, Any]:
-    X, y = make_data(CHUNK * calls, d, seed=100 + d)
-    chunks = [(X[i:i + CHUNK], y[i:i + CHUNK]) for i in range(0, len(X), CHUNK)]
+    # a pool of distinct 64-row chunks, cycled: the agent trains on rows it just read,
+    # so they are cache-warm, and a 1e6-chunk array would only measure DRAM
+    X, y = make_data(CHUNK * POOL, d, seed=100 + d)
+    pool = [(X[i:i + CHUNK], y[i:i + CHUNK]) for i in range(0, len(X), CHUNK)]
     classes = np.array([0, 1])
 
     def sklearn_calls() -> None:
         clf = SGDClassifier(loss="log_loss", random_state=0)
-        for xb, yb in chunks[:sk_calls]:
+        for i in range(sk_calls):
+            xb, yb = pool[i % POOL]
             clf.partial_fit(xb, yb, classes=classes)
 
     def fedgate_calls() -> None:
         model = Model(ModelSpec("logistic", d))
-        for xb, yb in chunks:
+        for i in range(calls):
+            xb, yb = pool[i % POOL]
             model.fit(xb, yb, lr=0.05)
 
     t_sk, _ = timed(sklearn_calls, repeats)
@@ -105,6 +118,29 @@ def bench_small_calls(d: int, calls: int, sk_calls: int, repeats: int) -> dict[s
     us_fg = t_fg / calls * 1e6
     return {"d": d, "rows_per_call": CHUNK, "sklearn_us_per_call": us_sk, "fedgate_us_per_call": us_fg,
             "ratio": us_sk / us_fg}
+
+
+def bench_mlp(n: int, d: int, hidden: tuple[int, ...], activation: str, repeats: int) -> dict[str, Any]:
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((n + n // 5, d))
+    y = (np.sin(2 * X[:, 0]) + X[:, 1] * X[:, 2] > 0).astype(np.int64)  # not linearly separable
+    X_train, y_train, X_test, y_test = X[:n], y[:n], X[n:], y[n:]
+
+    def sklearn_fit() -> MLPClassifier:
+        clf = MLPClassifier(hidden, activation=activation, solver="sgd", batch_size=32, learning_rate_init=0.05,
+                            momentum=0.0, max_iter=MLP_EPOCHS, shuffle=True, random_state=0)
+        return clf.fit(X_train, y_train)
+
+    def fedgate_fit() -> Model:
+        model = Model(ModelSpec("mlp", d, hidden=hidden, activation=activation), seed=0)
+        model.fit(X_train, y_train, epochs=MLP_EPOCHS, batch_size=32, lr=0.05)
+        return model
+
+    t_sk, clf = timed(sklearn_fit, repeats)
+    t_fg, model = timed(fedgate_fit, repeats)
+    return {"n": n, "d": d, "hidden": list(hidden), "activation": activation, "sklearn_s": t_sk,
+            "fedgate_s": t_fg, "ratio": t_sk / t_fg, "acc_sklearn": float(clf.score(X_test, y_test)),
+            "acc_fedgate": float((model.predict(X_test) == y_test).mean())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,16 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     n = 200_000 if args.quick else 1_000_000
     repeats = args.repeats or (3 if args.quick else 5)
     calls, sk_calls = (2_000, 300) if args.quick else (20_000, 2_000)
-    warnings.simplefilter("ignore", ConvergenceWarning)
+    warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter=1 is the point
 
     epoch_rows = [bench_epoch(n, d, repeats, args.lr, args.batch_size) for d in (8, 32, 128)]
     print(f"one epoch, logistic, n={n:.0e}, median of {repeats}; fedgate batch={args.batch_size} lr={args.lr}")
     print(f"{'d':>4} {'sklearn Ms/s':>12} {'ours f64 Ms/s':>13} {'ratio':>6} {'ours f32 Ms/s':>13} {'ratio':>6}"
-          f" {'acc sk':>7} {'acc f64':>7} {'acc f32':>7}")
+          f" {'f64->f32+fit':>12} {'acc sk':>7} {'acc f64':>7} {'acc f32':>7}")
     for r in epoch_rows:
         print(f"{r['d']:>4} {n / r['sklearn_s'] / 1e6:>12.2f} {n / r['fedgate_f64_s'] / 1e6:>13.2f}"
               f" {r['ratio_f64']:>5.1f}x {n / r['fedgate_f32_s'] / 1e6:>13.2f} {r['ratio_f32']:>5.1f}x"
+              f" {n / r['convert_then_f32_s'] / 1e6:>12.2f}"
               f" {100 * r['acc_sklearn']:>6.2f}% {100 * r['acc_fedgate_f64']:>6.2f}% {100 * r['acc_fedgate_f32']:>6.2f}%")
+    print("(Ms/s = million samples per second; ratio = sklearn time / ours; f64->f32+fit = converting the\n"
+          " float64 input to float32 first, the alternative to our fused float32/float64 kernels)")
 
     small_rows = [bench_small_calls(d, calls, sk_calls, repeats) for d in (8, 32, 128)]
     print(f"\n{CHUNK}-row calls: Model.fit vs SGDClassifier.partial_fit, median of {repeats}")
@@ -135,10 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in small_rows:
         print(f"{r['d']:>4} {r['sklearn_us_per_call']:>15.1f} {r['fedgate_us_per_call']:>12.2f} {r['ratio']:>6.1f}x")
 
+    mlp_rows = [bench_mlp(n // 20, 32, hidden, act, repeats) for hidden, act in (((32,), "relu"), ((64, 32), "tanh"))]
+    print(f"\nMLP, {MLP_EPOCHS} epochs, n={n // 20:.0e}, d=32, batch 32: Model(mlp) vs MLPClassifier(solver='sgd',"
+          f" momentum=0), median of {repeats}")
+    print(f"{'hidden':>8} {'act':>5} {'sklearn Ms/s':>12} {'ours Ms/s':>10} {'ratio':>6} {'acc sk':>7} {'acc ours':>8}")
+    for r in mlp_rows:
+        print(f"{str(r['hidden']):>8} {r['activation']:>5} {r['n'] / r['sklearn_s'] / 1e6:>12.3f}"
+              f" {r['n'] / r['fedgate_s'] / 1e6:>10.3f} {r['ratio']:>5.1f}x {100 * r['acc_sklearn']:>6.2f}%"
+              f" {100 * r['acc_fedgate']:>7.2f}%")
+
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": platform.platform(), "quick": args.quick, "repeats": repeats,
-                       "epoch": epoch_rows, "small_calls": small_rows}, fh, indent=2)
+                       "epoch": epoch_rows, "small_calls": small_rows, "mlp": mlp_rows}, fh, indent=2)
     return 0
 
 

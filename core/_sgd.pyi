@@ -9,6 +9,15 @@ BAD_Y: int
 DIVERGED: int
 NO_MEMORY: int
 
+class Settings:
+    def __init__(
+        self, epochs: int, batch_size: int, lr: float, power_t: float, l2: float, prox_mu: float, shuffle: bool
+    ) -> None: ...
+    @property
+    def prox_mu(self) -> float: ...
+    @property
+    def lr(self) -> float: ...
+
 class Kernel:
     def __init__(self, sizes: tuple[int, ...], activation: str, output: str, loss: str) -> None: ...
     @property
@@ -21,14 +30,8 @@ class Kernel:
         sw: np.ndarray,
         params: np.ndarray,
         ref: np.ndarray,
-        epochs: int,
-        batch_size: int,
-        lr: float,
-        power_t: float,
-        l2: float,
-        prox_mu: float,
+        settings: Settings,
         step0: int,
-        shuffle: bool,
         rng: int,
     ) -> tuple[int, int, int, float, int, int, int]: ...
     def infer(self, X: np.ndarray, w: np.ndarray, out: np.ndarray) -> tuple[int, int]: ...

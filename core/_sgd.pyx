@@ -544,6 +544,35 @@ cdef void* _data(cnp.ndarray a, int typenum, Py_ssize_t size) except NULL:
     return cnp.PyArray_DATA(a)
 
 
+cdef class Settings:
+    """Validated training hyper-parameters packed in the C struct the loop reads.
+
+    Built once per distinct set of values by the facade and reused across calls.
+    ``power_t`` is 0 for a constant rate (``lr / (t + 1) ** power_t`` otherwise).
+    """
+
+    cdef Hyper hp
+
+    def __cinit__(self, Py_ssize_t epochs, Py_ssize_t batch_size, double lr, double power_t,
+                  double l2, double prox_mu, bint shuffle):
+        self.hp.epochs = epochs
+        self.hp.batch_size = batch_size
+        self.hp.lr = lr
+        self.hp.power_t = power_t
+        self.hp.l2 = l2
+        self.hp.prox_mu = prox_mu
+        self.hp.shuffle = shuffle
+        self.hp.step0 = 0
+
+    @property
+    def prox_mu(self) -> float:
+        return self.hp.prox_mu
+
+    @property
+    def lr(self) -> float:
+        return self.hp.lr
+
+
 cdef class Kernel:
     """A network's shape and link/loss codes; trains and evaluates flat vectors.
 
@@ -581,19 +610,19 @@ cdef class Kernel:
     def n_params(self) -> int:
         return self.net.n_params
 
-    def train(self, cnp.ndarray X, cnp.ndarray Y, Py_ssize_t ty, cnp.ndarray sw,
-              cnp.ndarray params, cnp.ndarray ref, Py_ssize_t epochs, Py_ssize_t batch_size,
-              double lr, double power_t, double l2, double prox_mu, long long step0,
-              bint shuffle, uint64_t rng):
+    def train(self, cnp.ndarray X, cnp.ndarray Y, Py_ssize_t ty, cnp.ndarray sw, cnp.ndarray params,
+              cnp.ndarray ref, Settings settings not None, long long step0, uint64_t rng):
         """Train ``params`` in place; returns ``(status, row, epoch, loss_sum, seen, steps, rng)``.
 
         ``X`` (n x d) and ``Y`` (n x ty, flat) share one dtype, float32 or float64,
         C-contiguous; ``params`` float32 (n_params); ``sw`` float64, empty or n
         sample weights; ``ref`` float32, empty or the FedProx reference (n_params).
-        Raw pointers are taken once after a cheap dtype/contiguity/size guard.
+        ``step0`` is the model's step count (for ``invscaling``), ``rng`` its
+        shuffling state. Raw pointers are taken once after a cheap
+        dtype/contiguity/size guard.
         """
-        cdef Hyper hp
         cdef Outcome res
+        cdef Hyper hp = settings.hp
         cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), P = self.net.n_params
         cdef int typ = cnp.PyArray_TYPE(X)
         if typ != cnp.NPY_FLOAT32:
@@ -609,14 +638,7 @@ cdef class Kernel:
             swp = <const double*>_data(sw, cnp.NPY_FLOAT64, n)
         if cnp.PyArray_SIZE(ref) > 0:
             refp = <const float*>_data(ref, cnp.NPY_FLOAT32, P)
-        hp.lr = lr
-        hp.power_t = power_t
-        hp.l2 = l2
-        hp.prox_mu = prox_mu
-        hp.epochs = epochs
-        hp.batch_size = batch_size
         hp.step0 = step0
-        hp.shuffle = shuffle
         if typ == cnp.NPY_FLOAT32:
             with nogil:
                 res = _train(&self.net, &hp, <const float*>xp, n, <const float*>yp, ty, swp, pp, refp, rng)

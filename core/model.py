@@ -254,7 +254,9 @@ class FitReport:
     steps: int = 0
 
 
-def _check_hyper(epochs: int, batch_size: int, lr: float, schedule: Any, l2: float, mu: float) -> tuple:
+def _settings(epochs: int, batch_size: int, lr: float, schedule: Any, l2: float, mu: float,
+              shuffle: bool) -> _sgd.Settings:
+    """Validate the hyper-parameters of :meth:`Model.fit`; ConfigError names the argument."""
     _int(epochs, "epochs", 1, 1_000_000)
     _int(batch_size, "batch_size", 1, 1 << 20)
     for name, v, positive in (("lr", lr, True), ("l2", l2, False), ("prox_mu", mu, False)):
@@ -263,8 +265,8 @@ def _check_hyper(epochs: int, batch_size: int, lr: float, schedule: Any, l2: flo
         if not math.isfinite(v) or v < 0 or (positive and v == 0):
             raise ConfigError("must be finite and " + ("> 0" if positive else ">= 0"), key=name, value=v)
     sched = _enum(LrSchedule, schedule, "lr_schedule")
-    return (int(epochs), int(batch_size), float(lr), POWER_T if sched is LrSchedule.INVSCALING else 0.0,
-            float(l2), float(mu))
+    power_t = POWER_T if sched is LrSchedule.INVSCALING else 0.0
+    return _sgd.Settings(int(epochs), int(batch_size), float(lr), power_t, float(l2), float(mu), bool(shuffle))
 
 
 class Model:
@@ -294,8 +296,8 @@ class Model:
         self._rng_state = state or 0x9E3779B97F4A7C15
         self._steps = 0
         self._params64: np.ndarray | None = None
-        self._hyper_key: tuple | None = None
-        self._hyper: tuple = ()
+        self._settings_key: tuple | None = None
+        self._settings: _sgd.Settings | None = None
         self._target = "class" if spec.output == "softmax" else "binary" if spec.output == "sigmoid" else "values"
 
     # -- parameters ----------------------------------------------------------------
@@ -381,22 +383,21 @@ class Model:
         :class:`TrainingError` and leave the model unchanged.
         """
         t0 = time.perf_counter()
-        key = (epochs, batch_size, lr, lr_schedule, l2, prox_mu)
-        if key != self._hyper_key:
-            self._hyper = _check_hyper(*key)
-            self._hyper_key = key
-        n_epochs, bs, lr_f, power_t, l2_f, mu = self._hyper
+        key = (epochs, batch_size, lr, lr_schedule, l2, prox_mu, shuffle)
+        if key != self._settings_key:  # validate once per distinct set of hyper-parameters
+            self._settings = _settings(*key)
+            self._settings_key = key
+        settings = self._settings
         X = self._check_X(X)
         Y, ty = self._targets(X, y)
-        ref = _EMPTY_F32 if mu == 0.0 else self._reference(reference)
+        ref = _EMPTY_F32 if settings.prox_mu == 0.0 else self._reference(reference)
         sw = _EMPTY_F64
         if sample_weight is not None or class_weight is not None:
             sw = self._weights(X.shape[0], Y, sample_weight, class_weight)
         status, row, epoch, loss_sum, seen, steps, rng = self._kernel.train(
-            X, Y, ty, sw, self._params, ref, n_epochs, bs, lr_f, power_t, l2_f, mu,
-            self._steps, bool(shuffle), self._rng_state)
+            X, Y, ty, sw, self._params, ref, settings, self._steps, self._rng_state)
         if status:
-            self._raise(status, row, epoch, y, lr_f)
+            self._raise(status, row, epoch, y, settings.lr)
         self._steps += steps
         self._rng_state = rng
         self._params64 = None
