@@ -197,3 +197,48 @@ reconnect_delay_max = "1s"
         assert st["federation"]["tasks_done"] >= 1 + 2 * 9 - 6  # every task since it last connected
         assert "loss" in st["federation"]["last_metrics"]
         assert agent.stop() == 0
+
+
+def test_a_federation_asking_for_features_the_agent_lacks_is_refused_with_their_names(tmp_path, rig):
+    sim = Sim(tmp_path, "--tcp", "127.0.0.1:0", "--profile", "standard", "--seed", "5")
+    sim.start()
+    rig.append(sim)
+    port = _free_port()
+    server_cfg = tmp_path / "server.toml"
+    server_cfg.write_text(f"""
+[server]
+bind = "tcp://127.0.0.1:{port}"
+data_dir = "{tmp_path / 'server'}"
+insecure = true
+metrics = ""
+heartbeat = "300ms"
+[federation]
+name = "pumps"
+features = ["vib_mean", "oil_temp", "temp_mean", "spindle_load"]
+label = "fault_soon"
+rounds = 1
+min_agents = 1
+[federation.model]
+kind = "logistic"
+n_features = 4
+[strategy]
+name = "fedavg"
+""")
+    server = Server(tmp_path, server_cfg)
+    rig.append(server)
+    server.start()
+    uplink = f'[uplink]\nserver = "tcp://127.0.0.1:{port}"\ninsecure = true\nheartbeat = "300ms"\n'
+    (tmp_path / "agent.toml").write_text(plant_toml(data_dir=tmp_path / "data", port=sim.port, uplink=uplink))
+    agent = AgentProc(tmp_path, tmp_path / "agent.toml", tmp_path / "data")
+    rig.append(agent)
+    agent.start()
+    agent.wait_notify("READY=1")
+    st = wait_for(lambda: (lambda s: s if (s.get("uplink") or {}).get("refused") else None)(agent.state()),
+                  "the refusal in the agent's state", 60)
+    assert st["uplink"]["refused"]["missing"] == ["oil_temp", "spindle_load"]
+    wait_for(lambda: "oil_temp" in agent.log() and "spindle_load" in agent.log(), "the missing names in the log", 30)
+    assert "oil_temp" in (tmp_path / "server.log").read_text()
+    # refused, it keeps sampling on its own
+    n = agent.rows()
+    wait_for(lambda: agent.rows() > n, "samples after the refusal", 60)
+    assert agent.stop() == 0

@@ -306,3 +306,21 @@ address = ""
         assert agent.stop() == 0
     finally:
         sim.stop()
+
+
+def test_watchdog_pings_come_from_the_running_loop(tmp_path, sim, agent_factory):
+    agent = agent_factory(plant_toml(data_dir=tmp_path / "data", port=sim.port))
+    agent.start(watchdog_usec=1_000_000)  # systemd asks for a ping at least every second
+    agent.wait_notify("READY=1")
+    for _ in range(4):
+        agent.wait_notify("WATCHDOG=1", timeout_s=10)
+    # a stopped (wedged) process sends nothing, so systemd would restart it
+    agent.signal(signal.SIGSTOP)
+    try:
+        agent.messages.clear()
+        with pytest.raises(AssertionError, match="no 'WATCHDOG=1'"):
+            agent.wait_notify("WATCHDOG=1", timeout_s=2)
+    finally:
+        agent.signal(signal.SIGCONT)
+    agent.wait_notify("WATCHDOG=1", timeout_s=10)
+    assert agent.stop() == 0

@@ -1,23 +1,17 @@
 """The sampler: grid alignment, gaps, quality, every aggregate, look-ahead labels."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
 from fedgate.agent.config import Agg, FeatureConfig, LabelConfig, SamplesConfig
 from fedgate.agent.sampler import AGG_ORDER, Sampler, window_aggregates
+from fedgate.drivers import Quality, TagValue
 
 
-@dataclass(frozen=True)
-class TV:
-    """The shape of fedgate.drivers.TagValue the sampler reads."""
-
-    name: str
-    value: object
-    ts: float
-    quality: str = "good"
+def TV(name: str, value: object, ts: float, quality: str = "good") -> TagValue:
+    """A reading as the drivers deliver it."""
+    return TagValue(name, value, ts, Quality(quality))
 
 
 def _cfg(*, grid=1.0, window=4.0, hop=4.0, cov=1.0, gap=1.0, aggs=("mean",), horizon=None, label_agg="max",
