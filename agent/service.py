@@ -27,10 +27,10 @@ from fedgate.agent.sampler import Sampler
 from fedgate.agent.store import Store
 from fedgate.agent.trainer import Trainer
 from fedgate.core import systemd
-from fedgate.core.errors import ConfigError, FedgateError, StoreError
+from fedgate.core.errors import ConfigError, FedgateError, SecurityError, StoreError
 from fedgate.core.logs import setup_logging
 
-__all__ = ["AgentService", "run_agent"]
+__all__ = ["AgentService", "run_agent", "check_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class AgentService:
     async def run(self) -> int:
         try:
             self.cfg = load_agent_config(self.config_path)
-        except ConfigError as exc:
+            check_keys(self.cfg)
+        except (ConfigError, SecurityError) as exc:
             log.error("%s", exc)
             return 2
         setup_logging(self.cfg.agent.log_level.value.upper())
@@ -147,7 +148,12 @@ class AgentService:
         from fedgate.agent.uplink import Uplink
 
         assert self.trainer is not None
-        self.uplink = Uplink(cfg.uplink, agent_name=cfg.agent.name, db_path=cfg.agent.db_path, handler=self.trainer)
+        try:
+            self.uplink = Uplink(cfg.uplink, agent_name=cfg.agent.name, db_path=cfg.agent.db_path,
+                                 handler=self.trainer)
+        except (FedgateError, ValueError) as exc:
+            log.error("cannot start the uplink, running offline: %s", exc)
+            return
         self._uplink_task = asyncio.create_task(self.uplink.run(), name="fedgate-uplink")
 
     async def _stop_uplink(self) -> None:
@@ -249,7 +255,8 @@ class AgentService:
         assert old is not None and self.store is not None
         try:
             new = load_agent_config(self.config_path)
-        except ConfigError as exc:
+            check_keys(new)
+        except (ConfigError, SecurityError) as exc:
             self.counters["reloads_failed"] += 1
             log.error("reload refused, the running configuration stays: %s", exc)
             systemd.ready("reload refused; running configuration kept")
@@ -333,6 +340,23 @@ class AgentService:
             os.replace(tmp, path)
         except (OSError, TypeError, ValueError) as exc:
             log.warning("cannot write the state file: %s", exc)
+
+
+def check_keys(cfg: AgentConfig) -> None:
+    """Refuse unreadable key files and a group/world-readable secret before going READY."""
+    up = cfg.uplink
+    if up is None or up.insecure:
+        return
+    from fedgate.core.keys import load_public_key, load_secret_key
+
+    for key, loader in (("server_key", load_public_key), ("secret_key", load_secret_key)):
+        path = getattr(up, key)
+        try:
+            loader(path)
+        except SecurityError as exc:
+            raise SecurityError(f"{cfg.file}: uplink.{key} = {path!r}: {exc}") from exc
+        except OSError as exc:
+            raise SecurityError(f"{cfg.file}: uplink.{key} = {path!r}: {exc.strerror}") from exc
 
 
 def run_agent(config_path: str | os.PathLike[str]) -> int:

@@ -94,3 +94,22 @@ def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as err:
         main(["keygen"])
     assert err.value.code == 2
+
+
+def test_run_refuses_a_readable_secret_key_before_ready(tmp_path):
+    assert main(["keygen", "gw", "--dir", str(tmp_path)]) == 0
+    assert main(["keygen", "server", "--dir", str(tmp_path)]) == 0
+    secret = tmp_path / "gw.key_secret"
+    secret.chmod(0o644)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[agent]\nname = "gw"\ndata_dir = "{tmp_path / "data"}"\n'
+                   f'[uplink]\nserver = "tcp://127.0.0.1:9"\nserver_key = "{tmp_path / "server.key"}"\n'
+                   f'secret_key = "{secret}"\n'
+                   '[samples]\nfeatures = [{name = "x", tag = "d.x"}]\n'
+                   '[[transports]]\nname = "t"\nkind = "modbus-tcp"\nhost = "127.0.0.1"\nport = 9\n'
+                   '[[devices]]\nname = "d"\ntransport = "t"\n  [[devices.tags]]\n  name = "x"\n'
+                   '  register = "input"\n  address = 0\n  type = "uint16"\n')
+    out = subprocess.run([sys.executable, "-m", "fedgate.agent.cli", "run", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"uplink.secret_key = '{secret}'" in out.stderr and not (tmp_path / "data").exists()
