@@ -135,6 +135,7 @@ class ModbusDeviceConfig:
     max_gap: int = option(16, ge=0, le=124)
     max_registers_per_request: int = option(125, ge=1, le=125)
     max_bits_per_request: int = option(2000, ge=1, le=2000)
+    one_request_per_tag: bool = False
     busy_retries: int = option(0, ge=0, le=100)
     busy_retries_wait_s: float = option(0.1, toml="busy_retries_wait", unit="duration")
     stale_after_s: float | None = option(None, toml="stale_after", unit="duration", gt=0)

@@ -92,8 +92,15 @@ def codec_of(dev: ModbusDeviceConfig, tag: ModbusTagConfig) -> TagCodec:
     return codec_for(tag.type, order, bit=tag.bit, length=tag.length, scale=tag.scale, offset=tag.offset)
 
 
-def plan_device(dev: ModbusDeviceConfig, *, merge: bool = True) -> DevicePlan:
-    """Plan the reads of ``dev``; ``merge=False`` gives one request per tag (the baseline)."""
+def plan_device(dev: ModbusDeviceConfig, *, merge: bool | None = None) -> DevicePlan:
+    """Plan the reads of ``dev``.
+
+    ``merge=False`` gives one request per tag (the baseline, and Telegraf's
+    ``one_request_per_field`` workaround); by default the device's
+    ``one_request_per_tag`` setting decides.
+    """
+    if merge is None:
+        merge = not dev.one_request_per_tag
     requests: list[Request] = []
     for table in _TABLE_ORDER:
         tags = sorted((t for t in dev.tags if t.register is table), key=lambda t: (t.wire_address, t.name))

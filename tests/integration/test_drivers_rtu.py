@@ -66,3 +66,20 @@ def test_rtu_shared_bus_reads_writes_and_survives_a_dead_unit(cable):
     assert status["meter"]["state"] == "up" and sum(status["meter"]["errors"].values()) == 0
     assert status["dead"]["state"] == "down" and latest["dead.power"].quality is Quality.ERROR
     assert connects == 1  # the dead unit never closed the port for the meter
+
+
+def test_rtu_port_that_does_not_exist_is_a_connection_error(tmp_path):
+    doc = _doc(str(tmp_path / "ttyUSB9"))
+
+    async def main():
+        acq = Acquisition(load_config(doc, file="agent.toml"), seed=8)
+        await acq.start()
+        try:
+            await wait_until(lambda: acq.status()["meter"]["errors"]["connection"] >= 3, what="connect attempts")
+            return acq.status()["meter"], acq.latest()
+        finally:
+            await acq.stop()
+
+    status, latest = run(main())
+    assert status["state"] == "down" and "cannot connect" in status["last_error"]
+    assert latest["meter.power"].quality is Quality.ERROR

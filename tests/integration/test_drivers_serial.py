@@ -164,3 +164,35 @@ def test_request_response_instrument_is_polled():
     tv, polls = run(main())
     assert tv.value == 100.25 and tv.unit == "g"
     assert polls >= 1
+
+
+def test_url_port_without_a_descriptor_is_polled():
+    # pyserial's loop:// echoes our poll command back, which is itself a key=value line
+    device = {"format": "kv", "request": "level=42\n", "poll": "50ms", "tags": [{"name": "level", "key": "level"}]}
+
+    async def main():
+        acq = Acquisition(load_config(_doc("loop://", device), file="agent.toml"))
+        await acq.start()
+        try:
+            await wait_until(lambda: "s1.level" in acq.latest(), what="looped value")
+            return acq.latest()["s1.level"]
+        finally:
+            await acq.stop()
+
+    assert run(main()).value == 42.0
+
+
+def test_missing_port_is_retried_with_backoff_and_counted(tmp_path):
+    device = {"format": "kv", "tags": [{"name": "x", "key": "x"}]}
+
+    async def main():
+        acq = Acquisition(load_config(_doc(str(tmp_path / "nope"), device), file="agent.toml"), seed=6)
+        await acq.start()
+        try:
+            await wait_until(lambda: acq.status()["s1"]["errors"]["connection"] >= 3, what="open attempts")
+            return acq.status()["s1"]
+        finally:
+            await acq.stop()
+
+    status = run(main())
+    assert status["state"] == "down" and "cannot open" in status["last_error"]

@@ -119,3 +119,9 @@ def test_sub_register_tags_share_one_request_and_baseline_has_one_per_tag():
     merged = plan_device(dev)
     assert [(r.start, r.count, r.tag_names) for r in merged.requests] == [(7, 2, ("hi", "lo", "b0", "b1"))]
     assert len(plan_device(dev, merge=False).requests) == 4
+
+
+def test_one_request_per_tag_device_setting():
+    dev = _device([_h("a", 0), _h("b", 1), _h("c", 2)], one_request_per_tag=True)
+    assert [(r.start, r.count) for r in plan_device(dev).requests] == [(0, 1), (1, 1), (2, 1)]
+    assert len(plan_device(dev, merge=True).requests) == 1
