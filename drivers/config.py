@@ -201,6 +201,10 @@ class DriversConfig:
                 return t
         raise KeyError(name)
 
+    def tag_names(self) -> list[str]:
+        """Every tag as ``"device.tag"``, in config order (the keys of ``Acquisition.latest()``)."""
+        return [f"{d.name}.{t.name}" for d in self.devices for t in d.tags]
+
     def device(self, name: str) -> ModbusDeviceConfig | LineDeviceConfig:
         for d in self.devices:
             if d.name == name:

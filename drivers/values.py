@@ -79,6 +79,7 @@ class DeviceStatus:
             "bad_lines": dict(self.bad_lines),
             "last_error": self.last_error,
             "last_ok_ts": self.last_ok_ts,
+            "backoff_s": self.next_attempt_s if self.state == "down" else 0.0,
         }
 
 

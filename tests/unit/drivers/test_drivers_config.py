@@ -55,6 +55,7 @@ def test_valid_document_loads_with_units_and_defaults():
     assert press.poll_s == 0.5 and cfg.transports[0].timeout_s == 0.5
     assert meter.tags[0].wire_address == 0  # address_base = 1
     assert nav.stale_bound_s == 3.0
+    assert cfg.tag_names()[:2] == ["press.oil_temp", "press.pressure"] and cfg.tag_names()[-1] == "nav.sog"
 
 
 def test_unknown_key_in_a_tag_names_the_entry():
