@@ -91,6 +91,9 @@ def _run(config: str) -> int:
     signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
     try:
         server.run()
+    except FedgateError as exc:
+        log.critical("stopped: %s", exc)
+        return 1
     finally:
         server.close()
     return 0

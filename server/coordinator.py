@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[bytes, list[Any]], bool]
 _TID_MARK = b'"task_id":"' + b"0" * 32 + b'"'
+_HEARTBEAT = encode(MsgType.HEARTBEAT, {})
+# ack headers are built by splicing the (validated, hex) nonce into a fixed template
+_ACK_HEAD = b'{"v":1,"type":"ack","task_id":"'
+_ACK_TAIL = {status: f'","status":"{status}"}}'.encode() for status in ("accepted", "duplicate")}
 
 
 @dataclass
@@ -96,8 +100,8 @@ class Coordinator:
         self.open: OpenRound | None = None
         self.eval_seen: set[str] = set()
         self.eval_rows: list[tuple[str, int, str, int, dict[str, float]]] = []
-        self._frames: list[Any] = []
-        self._model_header = b""
+        self.fatal: StoreError | None = None
+        self._accepted = {kind: metrics.accepted.labels(kind.value) for kind in TaskKind}
         self._restore()
 
     # ================================================================ restore / persist
@@ -131,6 +135,8 @@ class Coordinator:
     def _reopen(self) -> None:
         """Reopen the interrupted round from the task table, if it has tasks."""
         rnd, kind = self.next_round()
+        # tasks of a round that was started before its predecessor's checkpoint was written
+        self.history.expire_tasks_after(rnd)
         if kind is None:
             return
         rows = [t for t in self.history.tasks_of(rnd, kind.value) if t.status != "expired"]
@@ -199,7 +205,7 @@ class Coordinator:
             return
         self.registry.touch(agent, now)
         if msg.type is MsgType.HEARTBEAT:
-            self.send(rid, encode(MsgType.HEARTBEAT, {}))
+            self.send(rid, _HEARTBEAT)
         elif msg.type is MsgType.RESULT:
             self._on_result(rid, agent.name, msg, now)
         elif msg.type is MsgType.BYE:
@@ -291,7 +297,7 @@ class Coordinator:
             self._ack(rid, tid, "rejected", rej.reason)
             return
         op.done[tid] = "accepted"
-        self.metrics.accepted.labels(op.kind.value).inc()
+        self._accepted[op.kind].inc()
         n = f["n_samples"]
         op.rows.append((tid, name, n, f["metrics"]))
         for key, value in f["metrics"].items():
@@ -312,12 +318,15 @@ class Coordinator:
         if f["n_samples"] < 1:
             raise Rejected("empty", "a train result must report n_samples >= 1")
         out = self.strategy.buffer()
-        self.validator.check(payload, self.params, out)
+        vec, _ = self.validator.check(payload, self.params, out)
         weight = float(f["n_samples"])
         if self.cfg.privacy.enabled:
-            clip_update(out, self.params, self.cfg.privacy.clip_norm, self.validator.scratch)
+            if vec is not out:
+                np.copyto(out, vec)
+                vec = out
+            clip_update(vec, self.params, self.cfg.privacy.clip_norm, self.validator.scratch)
             weight = 1.0
-        self.strategy.add(out, weight)
+        self.strategy.add(vec, weight)
 
     def _on_evaluation(self, name: str, f: dict[str, Any]) -> None:
         tid = f["task_id"]
@@ -335,6 +344,9 @@ class Coordinator:
         self.metrics.accepted.labels("evaluate").inc()
 
     def _ack(self, rid: bytes, tid: str, status: str, reason: str | None = None) -> None:
+        if reason is None:
+            self.send(rid, [_ACK_HEAD + tid.encode("ascii") + _ACK_TAIL[status]])
+            return
         fields: dict[str, Any] = {"task_id": tid, "status": status}
         if reason:
             fields["reason"] = reason
@@ -427,6 +439,13 @@ class Coordinator:
 
     # ================================================================ commits
     def _close(self, now: float) -> None:
+        """Aggregate the open round, start the next one, then make the commit durable and announce it.
+
+        The next round's tasks go out before the checkpoint is written so agents work
+        while the server writes; that is safe because agents keep their results until
+        ``committed``, which is only sent once the checkpoint is on disk. A crash in
+        between restarts from the previous checkpoint and reopens this round.
+        """
         op = self.open
         assert op is not None
         if op.accepted < self.fed.min_agents:
@@ -437,18 +456,27 @@ class Coordinator:
             return
         try:
             if op.kind is TaskKind.STATISTICS:
-                self._commit_statistics(op)
+                phase = self._commit_statistics(op)
             else:
-                self._commit_train(op)
+                phase = self._commit_train(op)
         except AggregationError as exc:
             log.error("%s round %d could not be aggregated (%s); re-sampling", op.kind.value, op.round, exc)
             self.history.set_task_status((t, "expired") for t in op.tasks)
             self.open = None
             return
-        duration = self.clock() - op.started
-        self.metrics.rounds.labels(op.kind.value).inc()
-        self.metrics.round_duration.observe(duration)
         self.open = None
+        self._encode_model()
+        self._maybe_start(self.clock())
+        try:
+            self._checkpoint(phase)
+        except StoreError as exc:
+            # cannot persist the round: stop rather than run on; a restart resumes this round
+            log.critical("%s round %d cannot be committed to disk: %s", op.kind.value, op.round, exc)
+            self.fatal = exc
+            return
+        self.metrics.rounds.labels(op.kind.value).inc()
+        self.metrics.round_duration.observe(self.clock() - op.started)
+        self.metrics.current_round.set(max(self.committed, 0))
         self._broadcast(op)
 
     def _record(self, op: OpenRound, epsilon: float | None) -> None:
@@ -457,19 +485,18 @@ class Coordinator:
         h.add_round(op.round, op.kind.value, started=time.time() - (self.clock() - op.started),
                     finished=time.time(), n_sampled=len(op.tasks), n_accepted=op.accepted,
                     n_rejected=len(op.done) - op.accepted, metrics=metrics, epsilon=epsilon)
-        for tid, name, n, m in op.rows:
-            h.add_agent_metrics(tid, op.round, op.kind.value, name, n, m)
+        h.add_agent_metrics_many((tid, op.round, op.kind.value, name, n, m) for tid, name, n, m in op.rows)
         h.set_task_status(list(op.done.items()) + [(t, "expired") for t in op.tasks if t not in op.done])
 
-    def _commit_statistics(self, op: OpenRound) -> None:
+    def _commit_statistics(self, op: OpenRound) -> str:
         count, mean, m2 = agg.merge_stats(op.stats)
         self.scaler = agg.stats_to_scaler(count, mean, m2)
         self._record(op, None)
         self.committed = 0
-        self._checkpoint("statistics")
         log.info("statistics round committed: scaler from %d samples of %d agents", count, len(op.stats))
+        return "statistics"
 
-    def _commit_train(self, op: OpenRound) -> None:
+    def _commit_train(self, op: OpenRound) -> str:
         combined = self.strategy.combine()
         epsilon = None
         if self.cfg.privacy.enabled:
@@ -484,13 +511,11 @@ class Coordinator:
         self._record(op, epsilon)
         self.committed = op.round
         self.have_model = True
-        self._checkpoint("train")
-        self.metrics.current_round.set(op.round)
         log.info("train round %d committed: %d updates%s", op.round, self.strategy.count,
                  "" if epsilon is None else f", epsilon {epsilon:.3g} at delta {self.cfg.privacy.delta:g}")
+        return "train"
 
     def _broadcast(self, op: OpenRound) -> None:
-        self._encode_model()
         committed = encode(MsgType.COMMITTED, {"round": op.round})
         alive = self.registry.alive()
         for agent in alive:
@@ -510,8 +535,8 @@ class Coordinator:
 
     def _flush_evaluations(self) -> None:
         rows, self.eval_rows = self.eval_rows, []
-        for tid, rnd, name, n, m in rows:
-            self.history.add_agent_metrics(tid, rnd, TaskKind.EVALUATE.value, name, n, m)
+        self.history.add_agent_metrics_many((tid, rnd, TaskKind.EVALUATE.value, name, n, m)
+                                            for tid, rnd, name, n, m in rows)
         self.history.set_task_status((r[0], "accepted") for r in rows)
         for rnd in sorted({r[1] for r in rows}):
             done = self.history.db.execute(

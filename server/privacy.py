@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-import dp_accounting
 import numpy as np
 
 from fedgate.core import aggregate as agg
@@ -69,6 +68,8 @@ class PrivacyAccountant:
             return 0.0
         if self.cfg.noise_multiplier <= 0:
             return math.inf
+        import dp_accounting  # noqa: PLC0415 - heavy (scipy); only servers with DP on pay for it
+
         accountant = dp_accounting.rdp.RdpAccountant(orders=_ORDERS)
         counts: dict[float, int] = {}
         for q in self.rates:

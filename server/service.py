@@ -139,6 +139,8 @@ class Server:
                     except FedgateError as exc:
                         log.error("round bookkeeping failed: %s", exc)
                     next_tick = now + 0.05
+                if self.coordinator.fatal is not None:
+                    raise self.coordinator.fatal
                 if self._reload.is_set():
                     self._reload.clear()
                     self._do_reload()

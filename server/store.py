@@ -188,7 +188,11 @@ class CheckpointStore:
     def files(self) -> list[Path]:
         """Checkpoint files, oldest first."""
         found = []
-        for p in self.dir.iterdir():
+        try:
+            entries = list(self.dir.iterdir())
+        except OSError as exc:
+            raise StoreError(f"{self.dir}: cannot list checkpoints: {exc.strerror}") from exc
+        for p in entries:
             m = _NAME_RE.match(p.name)
             if m:
                 found.append((int(m.group(1)), p))
@@ -283,6 +287,10 @@ class History:
     def set_task_status(self, items: Iterable[tuple[str, str]]) -> None:
         self._write("UPDATE tasks SET status = ? WHERE task_id = ?", [(s, t) for t, s in items])
 
+    def expire_tasks_after(self, round_: int) -> None:
+        """Mark every task of a round after ``round_`` expired (never run to a commit)."""
+        self._write("UPDATE tasks SET status = 'expired' WHERE round > ? AND status != 'expired'", [(round_,)])
+
     def tasks_of(self, round_: int, kind: str) -> list[TaskRow]:
         rows = self.db.execute("SELECT task_id, round, kind, agent, issued, status FROM tasks "
                                "WHERE round = ? AND kind = ? ORDER BY issued, agent", (round_, kind)).fetchall()
@@ -298,6 +306,12 @@ class History:
                           metrics: dict[str, float]) -> None:
         self._write("INSERT OR REPLACE INTO agent_metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(task_id, round_, kind, agent, n_samples, json.dumps(metrics), time.time())])
+
+    def add_agent_metrics_many(self, rows: Iterable[tuple[str, int, str, str, int, dict[str, float]]]) -> None:
+        """Several ``(task_id, round, kind, agent, n_samples, metrics)`` rows in one transaction."""
+        now = time.time()
+        self._write("INSERT OR REPLACE INTO agent_metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(t, r, k, a, n, json.dumps(m), now) for t, r, k, a, n, m in rows])
 
     def add_round(self, round_: int, kind: str, *, started: float, finished: float, n_sampled: int,
                   n_accepted: int, n_rejected: int, metrics: dict[str, float], epsilon: float | None) -> None:

@@ -39,6 +39,8 @@ __all__ = ["ZAP_DOMAIN", "Incoming", "KeyAuthenticator", "Transport", "Transport
 log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "fedgate"
+_MORE = zmq.SNDMORE | zmq.NOBLOCK
+_ZERO_COPY_MIN = 65536
 _MIN_LIBZMQ = (4, 3, 2)
 
 
@@ -247,10 +249,25 @@ class Transport:
         return out
 
     def send(self, routing_id: bytes, frames: list[Any]) -> bool:
-        """Send one message to a peer without blocking; False if it is gone or its queue is full."""
-        assert self.sock is not None
+        """Send one message to a peer without blocking; False if it is gone or its queue is full.
+
+        Small frames are copied (cheaper than a zero-copy frame); large ones (payloads) are
+        handed to libzmq without a copy, so one encoded model can go to every agent.
+        """
+        sock = self.sock
+        assert sock is not None
+        last = len(frames) - 1
+        nbytes = 0
         try:
-            self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK, copy=False)
+            sock.send(routing_id, _MORE)
+            for i, frame in enumerate(frames):
+                n = len(frame)
+                nbytes += n
+                flags = zmq.NOBLOCK if i == last else _MORE
+                if n >= _ZERO_COPY_MIN:
+                    sock.send(frame, flags, copy=False)
+                else:
+                    sock.send(frame, flags)
         except zmq.Again:
             log.debug("send queue of peer %s full, message dropped", routing_id.hex())
             return False
@@ -258,7 +275,7 @@ class Transport:
             if exc.errno == zmq.EHOSTUNREACH:
                 return False
             raise
-        self.bytes_out += sum(len(f) if not isinstance(f, zmq.Frame) else len(f.buffer) for f in frames)
+        self.bytes_out += nbytes
         return True
 
     def _drain_monitor(self) -> None:

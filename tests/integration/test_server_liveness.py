@@ -112,7 +112,7 @@ def test_dp_rounds_report_epsilon(insecure, tmp_path):
         g = global_params(ta)
         a.train_result(ta, g + 10)  # far beyond the clip norm: clipped, not rejected
         b.train_result(tb, g - 10)
-        assert a.expect(MsgType.COMMITTED, skip=(MsgType.ACK,)).fields["round"] == rnd
+        assert a.expect(MsgType.COMMITTED, skip=(MsgType.ACK, MsgType.MODEL)).fields["round"] == rnd
     eps = srv.metric("fedgate_server_privacy_epsilon")
     assert eps > 0
     h = History(tmp_path / "data" / "history.db", readonly=True)
@@ -141,10 +141,35 @@ def test_byzantine_agent_does_not_move_robust_server(tmp_path, strategy):
             honest = [g + step + rng.normal(scale=0.01, size=g.size).astype(np.float32) for _ in range(4)]
             for x, t, u in zip(agents, tasks, honest + [g - 40 * step]):  # gw-4 sign-flips and scales
                 x.train_result(t, u)
-            agents[0].expect(MsgType.COMMITTED, skip=(MsgType.ACK,))
+            agents[0].expect(MsgType.COMMITTED, skip=(MsgType.ACK, MsgType.MODEL))
             clean = np.mean(honest, axis=0)
             assert np.linalg.norm(srv.coordinator.params - clean) < 0.1 * np.linalg.norm(step)
     finally:
         for x in agents:
             x.close()
+        srv.stop()
+
+
+def test_a_round_that_cannot_be_checkpointed_stops_the_server(tmp_path):
+    import shutil
+
+    from fedgate.core.errors import StoreError
+
+    srv = ServerThread(write_config(tmp_path, federation={"statistics": False}))
+    a, b = Agent(srv.endpoint, "gw-a"), Agent(srv.endpoint, "gw-b")
+    try:
+        a.hello()
+        b.hello()
+        ta, tb = a.expect(MsgType.TASK), b.expect(MsgType.TASK)
+        shutil.rmtree(tmp_path / "data" / "checkpoints")
+        (tmp_path / "data" / "checkpoints").write_text("the disk went away")
+        a.train_result(ta, global_params(ta))
+        b.train_result(tb, global_params(tb))
+        srv.thread.join(timeout=20)
+        assert not srv.thread.is_alive()
+        assert isinstance(srv.error, StoreError)
+    finally:
+        a.close()
+        b.close()
+        srv.error = None
         srv.stop()

@@ -60,7 +60,7 @@ def _hello_until_welcome(agent: Agent, timeout_s: float = 30.0) -> None:
 def _task_of_round(agent: Agent, rnd: int):
     """The next task of round ``rnd`` (re-sent copies of earlier tasks are passed over)."""
     while True:
-        task = agent.expect(MsgType.TASK, skip=SKIP)
+        task = agent.expect(MsgType.TASK, skip=SKIP + (MsgType.ACK,))
         if task.fields["round"] == rnd:
             return task
         assert task.fields["round"] < rnd
@@ -178,3 +178,47 @@ def test_kill9_mid_round_resumes_and_matches_uninterrupted_run(tmp_path, kill_at
         assert server.stop() == 0
     log = (root / "server.log").read_text()
     assert "resumed from" in log
+
+
+def test_crash_before_checkpoint_reopens_the_round_and_expires_the_next(tmp_path):
+    """The next round's tasks go out before the checkpoint is written; a crash in between
+    (simulated by removing the newest checkpoint) reopens the committed-in-memory round."""
+    keys = make_keys(tmp_path, ["gw-a", "gw-b"])
+    config = _config(tmp_path, keys, None)
+    srv = ServerThread(config)
+    a, b = Agent(srv.endpoint, "gw-a", keys=keys), Agent(srv.endpoint, "gw-b", keys=keys)
+    try:
+        _hello_until_welcome(a)
+        _hello_until_welcome(b)
+        ta, tb = _task_of_round(a, 1), _task_of_round(b, 1)
+        g = global_params(ta)
+        a.train_result(ta, _local_update(g, "gw-a", 1))
+        b.train_result(tb, _local_update(g, "gw-b", 1))
+        first = _task_of_round(a, 2)
+        wait_for(lambda: srv.coordinator.checkpoints.files(), what="checkpoint of round 1")
+    finally:
+        a.close()
+        b.close()
+        srv.stop()
+    for path in srv.coordinator.checkpoints.files():
+        path.unlink()  # as if killed before the checkpoint reached the disk
+    srv = ServerThread(config)
+    a, b = Agent(srv.endpoint, "gw-a", keys=keys), Agent(srv.endpoint, "gw-b", keys=keys)
+    try:
+        _hello_until_welcome(a)
+        _hello_until_welcome(b)
+        assert srv.coordinator.open.round == 1 and set(srv.coordinator.open.tasks) == {
+            ta.fields["task_id"], tb.fields["task_id"]}
+        a.train_result(first, _local_update(g, "gw-a", 2))  # a task of the round that never committed
+        ack = a.expect(MsgType.ACK, skip=SKIP_TASKS)
+        assert ack.fields["status"] == "rejected" and ack.fields["reason"] == "stale_round"
+        a.train_result(ta, _local_update(g, "gw-a", 1))  # the outbox re-sends round 1
+        b.train_result(tb, _local_update(g, "gw-b", 1))
+        model = None
+        for rnd in range(2, ROUNDS + 1):
+            model = _play_round(a, b, rnd)
+    finally:
+        a.close()
+        b.close()
+        srv.stop()
+    np.testing.assert_allclose(model, _reference(tmp_path), rtol=1e-6, atol=1e-6)

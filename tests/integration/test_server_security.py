@@ -163,8 +163,10 @@ def _bad_update_round(srv, a, b, c, case, reason):
         payload = _f32_buffer(g + 100.0)
     elif case == "garbage":
         payload = b"\x00" * 64
-    else:
-        payload = bytearray(_f32_buffer(g))
+    else:  # the CRC of a q8 buffer (f32 relies on the transport's integrity)
+        from fedgate.core import codec
+
+        payload = bytearray(codec.encode(g + 0.5, "q8"))
         payload[-1] ^= 1
         payload = bytes(payload)
     a.send(MsgType.RESULT, {"agent": "gw-a", "task_id": ta.fields["task_id"], "round": 1, "kind": "train",

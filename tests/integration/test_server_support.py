@@ -25,7 +25,8 @@ from fedgate.server.transport import generate_keypair
 
 # pyzmq's zero-copy sends start one process-wide garbage-collector thread on first use;
 # start it now so it exists before every test instead of looking like a leak of one.
-zmq.utils.garbage.gc.start()
+if not zmq.utils.garbage.gc.is_alive():
+    zmq.utils.garbage.gc.start()
 
 FEATURES = ["t", "p", "v"]
 SPEC = {"kind": "linear", "n_features": 3, "n_outputs": 1}
@@ -163,8 +164,8 @@ class Agent:
 
     def expect(self, msg_type: MsgType, timeout_s: float = 20.0, skip: tuple[MsgType, ...] = (
             MsgType.HEARTBEAT, MsgType.MODEL, MsgType.COMMITTED, MsgType.ACK)) -> Message:
-        """The next message of ``msg_type``; ``skip`` types are passed over (skipped tasks are kept
-        and handed out by the next ``expect(TASK)``)."""
+        """The next message of ``msg_type``; ``skip`` types are passed over. Tasks that arrive
+        while another type is awaited are kept and handed out by the next ``expect(TASK)``."""
         if msg_type is MsgType.TASK and self.stash:
             return self.stash.pop(0)
         deadline = time.monotonic() + timeout_s
@@ -172,10 +173,11 @@ class Agent:
             msg = self.recv(max(0.01, deadline - time.monotonic()))
             if msg.type is msg_type:
                 return msg
+            if msg.type is MsgType.TASK:  # a task arriving early is queued, as an agent would
+                self.stash.append(msg)
+                continue
             if msg.type not in skip:
                 raise AssertionError(f"{self.name}: expected {msg_type.value}, got {msg.type.value} {msg.fields}")
-            if msg.type is MsgType.TASK:
-                self.stash.append(msg)
 
     def silent(self, timeout_s: float = 0.5) -> bool:
         return not self.sock.poll(int(timeout_s * 1000))
