@@ -12,7 +12,9 @@ for parallel calls), honours ``pause_between_requests``, retries busy replies
 
 pymodbus' own reconnect loop is disabled (``reconnect_delay=0``); the acquisition
 loop owns backoff. A timeout never closes a serial port, so one dead unit does not
-take the bus down for the others.
+take the bus down for the others; a TCP connection is reopened only after
+:data:`TCP_TIMEOUTS_BEFORE_RECONNECT` timeouts in a row with no reply from any unit
+(a half-open connection), so a silent unit behind a gateway does not either.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Modbus exception code "server device busy"
 BUSY = 6
+#: consecutive timeouts on a TCP link, with no reply from any unit in between, after
+#: which the connection is presumed half-open and reopened (serial ports stay open)
+TCP_TIMEOUTS_BEFORE_RECONNECT = 4
 
 try:  # pyserial is optional for pymodbus; translate its errors when it is there
     from serial import SerialException as _SerialException
@@ -62,6 +67,7 @@ class ModbusLink:
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self._last_request = 0.0
         self._on_request = on_request
+        self._timeouts = 0
 
     # ------------------------------------------------------------------ connection
     @property
@@ -185,12 +191,14 @@ class ModbusLink:
                 if not client.connected:
                     self.close()
                     raise ConnectionLost(f"{self.cfg.name}: connection lost ({exc})") from exc
+                self._timed_out()
                 raise DeviceTimeout(f"{self.cfg.name} unit {unit_id}: no answer to {method} {address}") from exc
             except ConnectionException as exc:
                 self.close()
                 raise ConnectionLost(f"{self.cfg.name}: connection lost ({exc})") from exc
             except (asyncio.TimeoutError, TimeoutError) as exc:
                 self._count()
+                self._timed_out()
                 raise DeviceTimeout(f"{self.cfg.name} unit {unit_id}: no answer to {method} {address}") from exc
             except (ModbusException, OSError, _SerialException) as exc:
                 self.close()
@@ -198,6 +206,7 @@ class ModbusLink:
             finally:
                 self._last_request = time.monotonic()
             self._count()
+            self._timeouts = 0
             if rr is None:
                 raise DriverError(f"{self.cfg.name} unit {unit_id}: empty reply to {method} {address}")
             if rr.isError():
@@ -219,6 +228,14 @@ class ModbusLink:
             if len(regs) != arg:
                 raise DriverError(f"{self.cfg.name} unit {unit_id}: {len(regs)} registers for {arg} asked")
             return regs
+
+    def _timed_out(self) -> None:
+        self._timeouts += 1
+        if self.cfg.kind is TransportKind.MODBUS_TCP and self._timeouts >= TCP_TIMEOUTS_BEFORE_RECONNECT:
+            log.warning("transport %s: %d timeouts in a row, reopening the connection", self.cfg.name,
+                        self._timeouts)
+            self._timeouts = 0
+            self.close()
 
     def _count(self) -> None:
         if self._on_request is not None:

@@ -111,3 +111,21 @@ def test_nothing_listening_counts_connection_errors_and_backs_off():
     assert status["state"] == "down" and status["requests"] == 0
     assert "cannot connect" in status["last_error"]
     assert all(v.quality is Quality.ERROR for v in latest.values())
+
+
+def test_tcp_link_where_nothing_answers_is_reopened():
+    async def main():
+        async with ModbusPeer() as peer:
+            peer.mute_units.add(1)  # connection accepted, no unit answers: looks half-open
+            acq = Acquisition(load_config(tcp_doc(peer.port, TAGS), file="agent.toml"), seed=9)
+            await acq.start()
+            try:
+                await wait_until(lambda: "plc" in acq._links and acq._links["plc"].connects >= 2, what="reopen")
+                peer.mute_units.clear()
+                await wait_until(lambda: acq.status()["m1"]["state"] == "up", what="device up")
+                return acq.status()["m1"]
+            finally:
+                await acq.stop()
+
+    status = run(main())
+    assert status["errors"]["timeout"] >= 4 and status["reconnects"] >= 1
