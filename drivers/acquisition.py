@@ -33,7 +33,8 @@ from fedgate.drivers.config import (
     RegisterTable,
     TransportKind,
 )
-from fedgate.drivers.modbus import BUSY, ModbusLink
+from fedgate.drivers.decode import SUB_REGISTER_TYPES
+from fedgate.drivers.modbus import BUSY, ConnectFailed, ModbusLink
 from fedgate.drivers.plan import DevicePlan, Request, codec_of, format_plan, plan_device
 from fedgate.drivers.serial_line import SerialLineReader
 from fedgate.drivers.values import Backoff, DeviceStatus, Quality, TagValue, judge
@@ -204,7 +205,7 @@ class Acquisition:
                 st.last_error = str(exc)
                 if kind in ("timeout", "connection"):
                     link_failures += 1
-                if kind != "connection" or "cannot connect" not in str(exc):
+                if not isinstance(exc, ConnectFailed):  # that one never reached the wire
                     st.requests += 1
                 ts = time.time()
                 values += [TagValue(f"{dev.name}.{p.tag.name}", None, ts, Quality.ERROR, (), p.tag.unit)
@@ -265,7 +266,7 @@ class Acquisition:
                 st.requests += 1
                 await link.write_coil(dev.unit_id, t.wire_address, bool(regs[0]), **kw)
                 return
-            if codec.count == 1 and t.type.value in ("bit", "int8l", "int8h", "uint8l", "uint8h"):
+            if t.type in SUB_REGISTER_TYPES:
                 codec.encode(value)  # validate before touching the device
                 async with link.lock:  # read-modify-write of the shared register
                     st.requests += 1

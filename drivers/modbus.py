@@ -31,7 +31,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from fedgate.core.errors import ConnectionLost, DeviceException, DeviceTimeout, DriverError
 from fedgate.drivers.config import RegisterTable, TransportConfig, TransportKind
 
-__all__ = ["ModbusLink", "BUSY"]
+__all__ = ["ModbusLink", "ConnectFailed", "BUSY", "TCP_TIMEOUTS_BEFORE_RECONNECT"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ try:  # pyserial is optional for pymodbus; translate its errors when it is there
     from serial import SerialException as _SerialException
 except ImportError:  # pragma: no cover - pyserial is a dependency of fedgate
     _SerialException = OSError  # type: ignore[assignment,misc]
+
+
+class ConnectFailed(ConnectionLost):
+    """The link could not be opened; no request was sent."""
 
 
 class ModbusLink:
@@ -105,10 +109,10 @@ class ModbusLink:
             ok = await client.connect()
         except (ModbusException, OSError, _SerialException) as exc:
             client.close()
-            raise ConnectionLost(f"{self.cfg.name}: cannot connect to {self._where()}: {exc}") from exc
+            raise ConnectFailed(f"{self.cfg.name}: cannot connect to {self._where()}: {exc}") from exc
         if not ok:
             client.close()
-            raise ConnectionLost(f"{self.cfg.name}: cannot connect to {self._where()}")
+            raise ConnectFailed(f"{self.cfg.name}: cannot connect to {self._where()}")
         self._client = client
         self.connects += 1
         log.info("transport %s connected to %s", self.cfg.name, self._where())
