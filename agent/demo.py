@@ -24,20 +24,19 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import signal
-import sqlite3
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedgate.agent.demo_procs import ChildDied, Supervisor, command, free_port, wait_until
 from fedgate.agent.demo_setup import FEATURES, SITES, SPEED, Site, Timing, agent_config, dump_toml, server_config
+from fedgate.agent.demo_watch import eval_summary, model_round, pick, read_rounds, read_state, sample_counts
+from fedgate.agent.demo_watch import scrape_bytes
 from fedgate.core.errors import FedgateError
 
 __all__ = ["main", "build_parser", "Demo"]
@@ -55,18 +54,6 @@ _STREAM = [sys.stdout]
 def _out(line: str = "") -> None:
     _STREAM[0].write(line + "\n")
     _STREAM[0].flush()
-
-
-def _ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-
-
-def _pick(metrics: dict[str, Any], *names: str) -> float | None:
-    for n in names:
-        v = metrics.get(n)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            return float(v)
-    return None
 
 
 def _num(v: float | None, fmt: str) -> str:
@@ -205,18 +192,7 @@ class Demo:
 
     def sample_counts(self) -> dict[str, tuple[int, int]]:
         """Labelled samples and positive labels each agent has stored so far."""
-        out = {}
-        for s in self.sites:
-            n = pos = 0
-            if self.db(s).exists():
-                try:
-                    with contextlib.closing(_ro(self.db(s))) as conn:
-                        n, pos = conn.execute("SELECT COUNT(*), COALESCE(SUM(y > 0.5), 0) FROM agent_samples "
-                                              "WHERE y IS NOT NULL").fetchone()
-                except sqlite3.Error:
-                    pass
-            out[s.name] = (int(n), int(pos))
-        return out
+        return {s.name: sample_counts(self.db(s)) for s in self.sites}
 
     def warm_up(self) -> None:
         from fedgate.agent.demo_report import simulate
@@ -260,58 +236,6 @@ class Demo:
         _out(f"server: fedgate-server run --config {self.server_cfg_path} (tcp://127.0.0.1:{self.server_port}, "
              f"CURVE, {len(self.sites)} allowed keys); statistics round, then {self.rounds} training rounds")
 
-    def _bytes(self) -> float | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as resp:
-                text = resp.read().decode("utf-8", "replace")
-        except OSError:
-            return None
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(("fedgate_server_received_bytes_total ", "fedgate_server_sent_bytes_total ")):
-                total += float(line.split()[1])
-        return total
-
-    def _rounds(self) -> dict[tuple[int, str], dict[str, Any]]:
-        """The server's history: committed rounds and, for evaluations, the agents' own metrics."""
-        if not self.history_db.exists():
-            return {}
-        try:
-            with contextlib.closing(_ro(self.history_db)) as conn:
-                rows = conn.execute("SELECT round, kind, started, finished, n_accepted, metrics FROM rounds").fetchall()
-                evals = conn.execute("SELECT round, n_samples, metrics FROM agent_metrics "
-                                     "WHERE kind = 'evaluate'").fetchall()
-        except sqlite3.Error:
-            return {}
-        out = {(r, k): {"started": s, "finished": f, "n": n, "metrics": json.loads(m or "{}")}
-               for r, k, s, f, n, m in rows}
-        per_round: dict[int, list[tuple[int, dict[str, Any]]]] = {}
-        for r, n, m in evals:
-            per_round.setdefault(int(r), []).append((int(n or 0), json.loads(m or "{}")))
-        for r, agents in per_round.items():
-            if (r, "evaluate") in out:
-                out[(r, "evaluate")]["agents"] = agents
-        return out
-
-    @staticmethod
-    def _eval_summary(agents: list[tuple[int, dict[str, Any]]]) -> dict[str, float | None]:
-        """F1 and AUC of the global model over the sites whose data hold both classes.
-
-        A site that has never seen a fault has no F1 or AUC worth averaging (its F1 is 0 by
-        definition, its AUC undefined), so those come from the other sites, weighted by their
-        sample counts; the loss comes from every site.
-        """
-        both = [(n, m) for n, m in agents if _pick(m, "roc_auc") is not None]
-
-        def mean(rows: list[tuple[int, dict[str, Any]]], key: str) -> float | None:
-            vals = [(max(n, 1), _pick(m, key)) for n, m in rows]
-            vals = [(w, v) for w, v in vals if v is not None]
-            if not vals:
-                return None
-            return sum(w * v for w, v in vals) / sum(w for w, _ in vals)
-
-        return {"f1": mean(both, "f1"), "auc": mean(both, "roc_auc"), "loss": mean(agents, "loss")}
-
     def follow_rounds(self) -> None:
         printed_stats = False
         next_round = 1
@@ -319,7 +243,7 @@ class Demo:
         train_seen_at: dict[int, float] = {}
         while next_round <= self.rounds:
             self.sup.check_alive(self._daemons())
-            rows = self._rounds()
+            rows = read_rounds(self.history_db)
             if not printed_stats and (0, "statistics") in rows:
                 r = rows[(0, "statistics")]
                 _out(f"statistics round: global feature scaler merged from {r['n']} agents "
@@ -337,24 +261,39 @@ class Demo:
             if ready:
                 # Rounds take milliseconds, so several may commit between two looks at the server's
                 # byte counters: show the average per round so far (all traffic since the server started).
-                moved = self._bytes()
+                moved = scrape_bytes(self.metrics_port)
                 share = None if moved is None else moved / ready[-1]
                 for r in ready:
                     self._print_round(r, rows[(r, "train")], rows.get((r, "evaluate")), share, True)
                 next_round = ready[-1] + 1
                 last_progress = time.monotonic()
                 continue
-            if time.monotonic() - last_progress > 90.0:
+            stalled = time.monotonic() - last_progress
+            if stalled > 25.0:
+                self._raise_on_failed_tasks(next_round)
+            if stalled > 90.0:
                 raise TimeoutError(f"no training round committed for 90 s (waiting for round {next_round}); "
                                    f"see {self.dir}/logs/server.log")
             time.sleep(0.1)
 
+    def _raise_on_failed_tasks(self, rnd: int) -> None:
+        """A round that waits because agents fail their tasks: say which and why, from their logs."""
+        problems = []
+        for s in self.sites:
+            failed = int((self._state(s).get("federation") or {}).get("tasks_failed") or 0)
+            if failed:
+                log_path = self.dir / "logs" / f"agent-{s.name}.log"
+                errors = [line for line in log_path.read_text(errors="replace").splitlines() if " ERROR " in line]
+                problems.append(f"{s.name}: {failed} failed task(s); last: {errors[-1] if errors else '?'}")
+        if problems:
+            raise TimeoutError(f"round {rnd} cannot close, agents fail their tasks:\n  " + "\n  ".join(problems))
+
     def _print_round(self, rnd: int, train: dict[str, Any], ev: dict[str, Any] | None, moved: float | None,
                      shared: bool) -> None:
         tm = train["metrics"]
-        summary = self._eval_summary(ev.get("agents", []) if ev else [])
-        loss = _pick(tm, "loss", "train_loss")
-        bytes_in, bytes_out = _pick(tm, "bytes_in"), _pick(tm, "bytes_out")
+        summary = eval_summary(ev.get("agents", []) if ev else [])
+        loss = pick(tm, "loss", "train_loss")
+        bytes_in, bytes_out = pick(tm, "bytes_in"), pick(tm, "bytes_out")
         if bytes_in is not None and bytes_out is not None:  # the server counted this round itself
             moved, shared = bytes_in + bytes_out, False
         seconds = max(0.0, float(train["finished"]) - float(train["started"]))
@@ -372,25 +311,13 @@ class Demo:
 
     def wait_for_models(self) -> None:
         def all_have() -> bool:
-            for s in self.sites:
-                try:
-                    with contextlib.closing(_ro(self.db(s))) as conn:
-                        row = conn.execute("SELECT round FROM agent_model WHERE id = 1").fetchone()
-                except sqlite3.Error:
-                    return False
-                if row is None or int(row[0]) < self.rounds:
-                    return False
-            return True
+            return all((model_round(self.db(s)) or 0) >= self.rounds for s in self.sites)
 
         wait_until(all_have, 30, f"every agent holding the global model of round {self.rounds}",
                    poll_s=0.2, check=lambda: self.sup.check_alive(self._daemons()))
 
     def _state(self, site: Site) -> dict[str, Any]:
-        path = self.site_dir(site) / "data" / "agent.state.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_state(self.site_dir(site) / "data" / "agent.state.json")
 
     def show_live(self, seconds: float = 6.0) -> None:
         """A few seconds of the global model at work on every gateway (from the agents' state files)."""
@@ -512,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         demo.run()
     except KeyboardInterrupt as exc:
-        _out(f"\ninterrupted ({exc or 'SIGINT'}): stopping every process")
+        _out(f"\ninterrupted ({str(exc) or 'SIGINT'}): stopping every process")
         demo.result["error"] = "interrupted"
         code = 130
     except (ChildDied, TimeoutError, OSError, ValueError, FedgateError) as exc:

@@ -78,25 +78,27 @@ def test_reduced_demo_runs_every_round_and_prints_the_table(reduced_demo: dict[s
 def test_global_model_validation_improves_and_beats_always_no_fault(reduced_demo: dict[str, Any]) -> None:
     rounds = reduced_demo["rounds"]
     first, last = rounds[0], rounds[-1]
+    seen = [(r["round"], r["val_loss"], r["val_f1"], r["val_auc"]) for r in rounds]
     # the agents' evaluation of each new global model on their own data
-    assert last["val_loss"] < first["val_loss"]
-    assert last["val_auc"] >= first["val_auc"]
+    assert last["val_loss"] < first["val_loss"], seen
+    assert last["val_auc"] >= first["val_auc"], seen
     # "always no fault" scores F1 0 and AUC 0.5
-    assert last["val_f1"] > 0.0
-    assert last["val_auc"] > 0.5
+    assert last["val_f1"] > 0.0, seen
+    assert last["val_auc"] > 0.5, seen
 
 
 def test_federated_model_is_at_least_as_good_as_the_average_local_model(reduced_demo: dict[str, Any]) -> None:
     sites = {s["site"]: s for s in reduced_demo["sites"]}
     fed = [s["f1"]["federated"] for s in sites.values()]
     local = [s["f1"]["local"] for s in sites.values()]
-    assert sum(fed) / len(fed) >= sum(local) / len(local)
-    assert min(fed) > 0.0  # beats "always no fault" on every site's held-out data
+    table = reduced_demo["table"]
+    assert sum(fed) / len(fed) >= sum(local) / len(local), table
+    assert min(fed) > 0.0, table  # beats "always no fault" on every site's held-out data
     new_line = sites["site-b"]
-    assert new_line["train_positive"] == 0  # its own history holds no fault ...
-    assert new_line["test_faults"] >= 1  # ... its future does
-    assert new_line["warned"]["local"] == 0
-    assert new_line["warned"]["federated"] >= 1
+    assert new_line["train_positive"] == 0, table  # its own history holds no fault ...
+    assert new_line["test_faults"] >= 1, table  # ... its future does
+    assert new_line["warned"]["local"] == 0, table
+    assert new_line["warned"]["federated"] >= 1, table
 
 
 def test_no_process_is_left_behind(reduced_demo: dict[str, Any]) -> None:
