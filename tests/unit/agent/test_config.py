@@ -114,3 +114,50 @@ def test_the_uplink_section_is_the_uplinks_config(tmp_path):
     bad = text.replace("insecure = true", "insecure = false")
     with pytest.raises(ConfigError, match="agent.toml: uplink.server_key"):
         load_agent_config(_write(tmp_path, bad), with_drivers=False)
+
+
+def test_the_shipped_example_is_valid_and_complete():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "deploy" / "agent.toml"
+    cfg = load_agent_config(path)
+    assert cfg.uplink is not None and not cfg.uplink.insecure
+    assert cfg.predict.write_tag == "pump1.prediction" and cfg.predict.alarm_tag == "pump1.alarm"
+    assert cfg.samples.label is not None and cfg.samples.label.horizon_s == 300
+    assert {d.name for d in cfg.drivers.devices} == {"pump1", "pump2", "vib2"}
+    assert set(cfg.tags) <= {f"{d.name}.{t.name}" for d in cfg.drivers.devices for t in d.tags}
+
+
+def test_tags_must_exist_and_write_tags_be_writable(tmp_path):
+    drivers = """
+[[transports]]
+name = "plc"
+kind = "modbus-tcp"
+host = "127.0.0.1"
+port = 502
+[[devices]]
+name = "m1"
+transport = "plc"
+  [[devices.tags]]
+  name = "temperature"
+  register = "input"
+  address = 0
+  type = "float32"
+  [[devices.tags]]
+  name = "vibration"
+  register = "input"
+  address = 2
+  type = "float32"
+  [[devices.tags]]
+  name = "fault"
+  register = "discrete"
+  address = 0
+  type = "bool"
+"""
+    text = BASE.format(data_dir=tmp_path) + drivers
+    assert load_agent_config(_write(tmp_path, text)).drivers is not None
+    with pytest.raises(ConfigError, match=r"samples.features\[1\].tag = 'm1.vibrations'"):
+        load_agent_config(_write(tmp_path, text.replace('tag = "m1.vibration"', 'tag = "m1.vibrations"')))
+    with pytest.raises(ConfigError, match="predict.write_tag = 'm1.temperature': the tag is not writable"):
+        load_agent_config(_write(tmp_path, text.replace("alarm_threshold = 0.7",
+                                                        'alarm_threshold = 0.7\nwrite_tag = "m1.temperature"')))
