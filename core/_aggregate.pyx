@@ -146,6 +146,13 @@ cdef Py_ssize_t _first_nonfinite64(const uint64_t* b, Py_ssize_t n) noexcept nog
     return -1
 
 
+cdef inline bint _any_nonfinite(const floating* x, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return _first_nonfinite32(<const uint32_t*>x, n) >= 0
+    else:
+        return _first_nonfinite64(<const uint64_t*>x, n) >= 0
+
+
 def first_nonfinite(const floating[::1] x):
     """Index of the first NaN/Inf in x, or -1."""
     cdef Py_ssize_t r, n = x.shape[0]
@@ -329,9 +336,11 @@ def network_reduce(const floating[:, ::1] stack, const int32_t[:, ::1] comps,
 
     mode 0 (median): out = (row lo + row hi) / 2 after sorting;
     mode 1 (trimmed mean): out = mean of rows lo..hi inclusive.
+    Returns False, or True (out unfinished) as soon as a tile holds a NaN or Inf.
     """
     cdef Py_ssize_t n = stack.shape[0], d = stack.shape[1], nc = comps.shape[0]
     cdef Py_ssize_t block, c0, width, r, c
+    cdef bint bad = False
     cdef floating* tile
     cdef double* acc
     cdef const floating* s = &stack[0, 0]
@@ -349,6 +358,9 @@ def network_reduce(const floating[:, ::1] stack, const int32_t[:, ::1] comps,
             width = min(block, d - c0)
             for r in range(n):
                 memcpy(tile + r * width, s + r * d + c0, width * sizeof(floating))
+            if _any_nonfinite(tile, n * width):
+                bad = True
+                break
             if floating is float:
                 fg_network_f32(tile, width, cp, nc)
             else:
@@ -368,6 +380,7 @@ def network_reduce(const floating[:, ::1] stack, const int32_t[:, ::1] comps,
                     out[c0 + c] = <floating>(acc[c] * inv)
             c0 += width
     PyMem_RawFree(tile)
+    return bad
 
 
 cdef inline void _swap(floating* a, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
@@ -667,6 +680,7 @@ def count_select_reduce(const floating[:, ::1] stack, const int32_t[:, ::1] samp
     Columns are processed FG_LANES at a time straight from the stack (no copy);
     the last partial group goes through :func:`_select` column by column.
     ``sample_comps`` sorts ``ns = max(index) + 1`` sampled rows (2 <= ns <= min(128, n)).
+    Returns True (out unfinished) if the stack holds a NaN or Inf, else False.
     """
     cdef Py_ssize_t n = stack.shape[0], d = stack.shape[1], nc = sample_comps.shape[0]
     cdef Py_ssize_t ns = 0, c0, c, r, i, full = d - d % FG_LANES
@@ -681,6 +695,7 @@ def count_select_reduce(const floating[:, ::1] stack, const int32_t[:, ::1] samp
     cdef double inv = 1.0 / <double>(hi - lo + 1), acc
     cdef floating mx
     cdef Py_ssize_t tw, g, width
+    cdef bint bad = False
     for i in range(nc):
         ns = max(ns, <Py_ssize_t>cp[2 * i + 1] + 1)
     if not 2 <= ns <= 128 or ns > n:
@@ -702,6 +717,9 @@ def count_select_reduce(const floating[:, ::1] stack, const int32_t[:, ::1] samp
             width = min(tw, full - c0)
             for r in range(n):
                 memcpy(tile + r * width, s + r * d + c0, width * sizeof(floating))
+            if _any_nonfinite(tile, n * width):
+                bad = True
+                break
             g = 0
             while g < width:
                 base = tile + g
@@ -737,8 +755,13 @@ def count_select_reduce(const floating[:, ::1] stack, const int32_t[:, ::1] samp
                 g += FG_LANES
             c0 += width
         for c in range(full, d):
+            if bad:
+                break
             for r in range(n):
                 col[r] = s[r * d + c]
+            if _any_nonfinite(col, n):
+                bad = True
+                break
             if mode == 0:
                 _select(col, n, hi)
                 if lo == hi:
@@ -760,6 +783,7 @@ def count_select_reduce(const floating[:, ::1] stack, const int32_t[:, ::1] samp
                 out[c] = <floating>(acc * inv)
     PyMem_RawFree(tile)
     PyMem_RawFree(col)
+    return bad
 
 
 # -------------------------------------------------------------- server optimisers

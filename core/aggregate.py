@@ -328,15 +328,24 @@ def _network(n: int, lo: int, hi: int, as_set: bool) -> npt.NDArray[np.int32]:
 
 
 def _order_reduce(arr: FloatArray, mode: int, lo: int, hi: int) -> FloatArray:
+    """Coordinate-wise order statistics of a stack checked for everything but finiteness.
+
+    The kernels test each tile they copy for NaN/Inf (no separate pass over the
+    stack); if one is found, the full check runs to name the offending value.
+    """
     n, d = arr.shape
     out = np.empty(d, dtype=arr.dtype)
     if n == 1:
+        bad = _k.first_nonfinite(arr[0]) >= 0
         out[:] = arr[0]
     elif n <= _NETWORK_MAX_N[mode]:
-        _k.network_reduce(arr, _network(n, lo, hi, mode == 1), mode, lo, hi, out)
+        bad = _k.network_reduce(arr, _network(n, lo, hi, mode == 1), mode, lo, hi, out)
     else:
         ns = min(128, 1 << (n.bit_length() - 1))  # sampled rows that pick the first pivots
-        _k.count_select_reduce(arr, _network(ns, 0, ns - 1, False), mode, lo, hi, out)
+        bad = _k.count_select_reduce(arr, _network(ns, 0, ns - 1, False), mode, lo, hi, out)
+    if bad:
+        _stack(arr)  # raises, naming the update and index
+        raise AggregationError("stack has a non-finite value")  # pragma: no cover
     return out
 
 
@@ -351,7 +360,7 @@ def median(stack: FloatArray) -> FloatArray:
     -------
     (dim,) array of the stack's dtype.
     """
-    arr = _stack(stack)
+    arr = _stack(stack, check_finite=False)
     n = arr.shape[0]
     return _order_reduce(arr, 0, (n - 1) // 2, n // 2)
 
@@ -371,7 +380,7 @@ def trimmed_mean(stack: FloatArray, beta: float) -> FloatArray:
     """
     if not (isinstance(beta, (int, float, np.floating)) and 0 <= beta < 0.5):
         raise AggregationError(f"beta = {beta!r}: must be in [0, 0.5)")
-    arr = _stack(stack)
+    arr = _stack(stack, check_finite=False)
     n = arr.shape[0]
     t = int(beta * n)
     if n - 2 * t < 1:

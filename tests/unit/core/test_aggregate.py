@@ -200,6 +200,16 @@ def test_both_order_paths_on_hard_columns(order_path, dtype, n, d):
         np.testing.assert_allclose(agg.trimmed_mean(stack, beta), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("row, col", [(0, 0), (5, 33), (129, 39), (64, 15)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_both_order_paths_refuse_non_finite(order_path, row, col, bad):
+    stack = np.ones((130, 40), dtype=np.float32)
+    stack[row, col] = bad
+    for call in (agg.median, lambda s: agg.trimmed_mean(s, 0.2)):
+        with pytest.raises(AggregationError, match=rf"update {row} has a non-finite value {bad} at index {col}"):
+            call(stack)
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 300), d=st.integers(1, 40), seed=st.integers(0, 2**31), levels=st.integers(1, 50))
 def test_counting_path_matches_reference(n, d, seed, levels):
