@@ -161,7 +161,13 @@ class Acquisition:
         st = self._status[dev.name]
         next_t = loop.time()
         while True:
-            values, link_failed = await self.poll_device(dev)
+            try:
+                values, link_failed = await self.poll_device(dev)
+            except Exception as exc:  # a bug must not end acquisition: count, back off, go on
+                log.exception("device %s: poll failed unexpectedly", dev.name)
+                st.errors["protocol"] += 1
+                st.last_error = f"internal error: {exc!r}"
+                values, link_failed = [], True
             self._publish(values)
             if link_failed:
                 if st.state != "down":

@@ -371,6 +371,10 @@ def _load_line_device(body: Mapping[str, Any], raw_tags: list[Any], file: str, k
     dev = build(LineDeviceConfig, body, file=file, key=key)
     if not dev.terminator:
         raise ConfigError("must not be empty", file=file, key=f"{key}.terminator", value=dev.terminator)
+    for name in ("terminator", "request"):
+        text = getattr(dev, name)
+        if text is not None and not text.isascii():
+            raise ConfigError("must be ASCII", file=file, key=f"{key}.{name}", value=text)
     if len(dev.delimiter) != 1:
         raise ConfigError("one character", file=file, key=f"{key}.delimiter", value=dev.delimiter)
     compiled = None

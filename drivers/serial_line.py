@@ -257,6 +257,9 @@ class SerialLineReader:
                 await self._pump(port)
             except (serial.SerialException, OSError) as exc:
                 self._down(f"{self.cfg.port}: {exc}")
+            except Exception as exc:  # a bug must not end the reader: count, back off, reopen
+                log.exception("serial port %s: reader failed unexpectedly", self.cfg.port)
+                self._down(f"internal error: {exc!r}")
             finally:
                 with contextlib.suppress(serial.SerialException, OSError):
                     port.close()

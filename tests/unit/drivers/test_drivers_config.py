@@ -140,3 +140,9 @@ def test_same_unit_twice_on_one_transport_is_refused():
     doc = _doc()
     doc["devices"][1].update(transport="plc", unit_id=1)
     assert "unit_id already used by device 'press'" in _error(doc)
+
+
+def test_serial_request_must_be_ascii():
+    doc = _doc()
+    doc["devices"][2]["request"] = "gewicht\u00e4\r\n"
+    assert "devices[2].request = 'gewichtä\\r\\n': must be ASCII" in _error(doc)
