@@ -261,8 +261,10 @@ class AgentService:
             log.error("reload refused, the running configuration stays: %s", exc)
             systemd.ready("reload refused; running configuration kept")
             return
-        if new.agent.data_dir != old.agent.data_dir:
-            log.warning("agent.data_dir changed; it takes effect at the next restart")
+        for key, a, b in (("agent.data_dir", new.agent.data_dir, old.agent.data_dir),
+                          ("metrics.address", new.metrics.address, old.metrics.address)):
+            if a != b:
+                log.warning("%s changed; it takes effect at the next restart", key)
         setup_logging(new.agent.log_level.value.upper())
         self.store.max_rows, self.store.max_age_s = new.store.max_rows, new.store.max_age_s
         if new.samples != old.samples:
