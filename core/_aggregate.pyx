@@ -59,18 +59,28 @@ def accumulate(double[::1] acc, const floating[::1] x, double weight):
         _axpy(&acc[0], &x[0], weight, x.shape[0])
 
 
-def accumulate_stack(double[::1] acc, const floating[:, ::1] stack, const double[::1] weights):
-    """acc += sum_i weights[i] * stack[i], column-blocked so acc stays in cache."""
+def accumulate_stack(double[::1] acc, const floating[:, ::1] stack, const double[::1] weights,
+                     bint check_finite=False):
+    """acc += sum_i weights[i] * stack[i], column-blocked so acc stays in cache.
+
+    With check_finite, each block of a row is tested (while in L1) before it is
+    added; returns True as soon as a NaN/Inf is met (acc then holds a partial sum).
+    """
     cdef Py_ssize_t n = stack.shape[0], d = stack.shape[1], c0, r, width
     cdef double* a = &acc[0]
     cdef const floating* s = &stack[0, 0]
+    cdef bint bad = False
     with nogil:
         c0 = 0
-        while c0 < d:
+        while c0 < d and not bad:
             width = min(<Py_ssize_t>ACC_BLOCK, d - c0)
             for r in range(n):
+                if check_finite and _any_nonfinite(s + r * d + c0, width):
+                    bad = True
+                    break
                 _axpy(a + c0, s + r * d + c0, weights[r], width)
             c0 += width
+    return bad
 
 
 def scale_into(floating[::1] out, const double[::1] acc, double factor):

@@ -278,10 +278,11 @@ def weighted_mean(stack: FloatArray, weights: Any = None) -> FloatArray:
     -------
     (dim,) array of the stack's dtype, accumulated in float64.
     """
-    arr = _stack(stack)
+    arr = _stack(stack, check_finite=False)
     w = _weights(weights, arr.shape[0])
     acc = np.zeros(arr.shape[1], dtype=np.float64)
-    _k.accumulate_stack(acc, arr, w)
+    if _k.accumulate_stack(acc, arr, w, True):  # finiteness tested block by block
+        _stack(arr)  # raises, naming the update and index
     out = np.empty(arr.shape[1], dtype=arr.dtype)
     _k.scale_into(out, acc, 1.0 / float(w.sum()))
     return out

@@ -38,6 +38,14 @@ def test_streaming_mean_equals_np_average(dtype, n, d, seed):
     np.testing.assert_allclose(acc.result(), expected.astype(np.float32), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("row, col", [(0, 0), (3, 2047), (3, 2048), (4, 5002)])
+def test_weighted_mean_names_a_non_finite_value(row, col):
+    stack = np.ones((5, 5003), dtype=np.float32)
+    stack[row, col] = np.inf
+    with pytest.raises(AggregationError, match=rf"update {row} has a non-finite value inf at index {col}"):
+        agg.weighted_mean(stack)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_stack_and_weighted_mean_match_single_adds(dtype):
     rng = np.random.default_rng(1)
