@@ -336,3 +336,18 @@ def test_residual_overflow_is_refused(name):
     ef.residual[:] = 3e38
     with pytest.raises(ProtocolError, match="overflows float32"):
         codec.encode(np.full(3, 3e38, dtype=np.float32), name, state=ef)
+
+
+def test_skipping_the_crc_still_checks_everything_else():
+    vec = np.arange(1, 11, dtype=np.float32)
+    buf = bytearray(codec.encode(vec, "topk", k=0.3))
+    buf[-1] ^= 0x40  # a value byte: only the CRC notices
+    with pytest.raises(ProtocolError, match="CRC32"):
+        codec.decode(buf)
+    assert codec.decode(buf, check_crc=False)[9] != 10.0
+    struct.pack_into("<I", buf, 24, 11)  # an index out of range
+    with pytest.raises(ProtocolError, match="out of range"):
+        codec.decode(buf, check_crc=False)
+    for cut in range(len(buf)):
+        with pytest.raises(ProtocolError):
+            codec.decode(buf[:cut], check_crc=False)
