@@ -31,13 +31,6 @@ cdef extern from *:
     """
     void FEDGATE_PREFETCH(const void *p) noexcept nogil
 
-# status codes returned to the facade (kept only here and mirrored by name there)
-OK = 0
-BAD_X = 1
-BAD_Y = 2
-DIVERGED = 3
-NO_MEMORY = 4
-
 cdef enum:
     ACT_RELU = 0
     ACT_TANH = 1
@@ -58,6 +51,13 @@ cdef enum:
 
 # Huber loss: quadratic within HUBER_DELTA of the target, linear beyond
 cdef double HUBER_DELTA = 1.0
+
+# status codes, exported by name for the facade (defined once, in the enum above)
+OK = ST_OK
+BAD_X = ST_BAD_X
+BAD_Y = ST_BAD_Y
+DIVERGED = ST_DIVERGED
+NO_MEMORY = ST_NO_MEMORY
 
 _ACTIVATIONS = {"relu": ACT_RELU, "tanh": ACT_TANH}
 _OUTPUTS = {"identity": OUT_IDENTITY, "sigmoid": OUT_SIGMOID, "softmax": OUT_SOFTMAX}
