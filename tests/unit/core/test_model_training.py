@@ -278,3 +278,19 @@ def test_predictions_follow_new_params_and_training(dtype):
     np.testing.assert_allclose(first, 0.5)
     np.testing.assert_allclose(second, 1 / (1 + np.exp(-(X.astype(np.float64) @ [1, 2, 3, 4] + 0.5))), rtol=1e-5)
     assert not np.allclose(second, third)
+
+
+def test_changed_hyper_parameters_take_effect_between_calls():
+    X, y = blobs()
+    same, changed, direct = (Model(ModelSpec("logistic", 4), seed=2) for _ in range(3))
+    same.fit(X, y, lr=0.1)
+    same.fit(X, y, lr=0.1)
+    changed.fit(X, y, lr=0.1)
+    with pytest.raises(ConfigError):
+        changed.fit(X, y, lr=-1.0)  # refused and not remembered
+    changed.fit(X, y, lr=0.3, l2=0.01)
+    direct.fit(X, y, lr=0.1)
+    direct.fit(X, y, lr=0.3, l2=0.01)
+
+    assert not np.array_equal(same.params, changed.params)
+    np.testing.assert_array_equal(changed.params, direct.params)
