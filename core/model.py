@@ -23,6 +23,16 @@ over the batch rows (weighted by ``sample_weight``/``class_weight``), plus ``l2 
 (weights only, not biases) and the FedProx term ``prox_mu * (w - reference)``.
 ``lr_schedule="invscaling"`` uses ``lr / (t + 1) ** 0.25`` where ``t`` counts the
 model's optimisation steps (mini-batches) over all ``fit`` calls (:attr:`Model.steps`).
+
+Precision and failures
+----------------------
+The dtype of ``X`` sets the working precision: float32 input trains in float32,
+anything else in float64 (the stored vector is float32 either way). The compiled
+loop is fused over both, because converting float64 input to float32 first costs a
+full copy of ``X`` per call (``benchmarks/bench_sgd.py``, column ``f64->f32+fit``).
+Training runs on a work copy that is written back only on success: NaN/Inf in ``X``
+or ``y``, invalid labels and divergence raise :class:`TrainingError` and leave the
+model as it was.
 """
 from __future__ import annotations
 
