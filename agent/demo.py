@@ -254,7 +254,10 @@ class Demo:
             rnd = next_round
             while rnd <= self.rounds and (rnd, "train") in rows:
                 train_seen_at.setdefault(rnd, time.monotonic())
-                if (rnd, "evaluate") not in rows and time.monotonic() - train_seen_at[rnd] < 10.0:
+                # every agent evaluates the new model; the server records them as they come in
+                ev = rows.get((rnd, "evaluate"))
+                complete = ev is not None and len(ev.get("agents", [])) >= int(rows[(rnd, "train")]["n"] or 0)
+                if not complete and time.monotonic() - train_seen_at[rnd] < 10.0:
                     break
                 ready.append(rnd)
                 rnd += 1
