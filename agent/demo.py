@@ -446,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.result["error"] = "interrupted"
         code = 130
     except (ChildDied, TimeoutError, OSError, ValueError, FedgateError) as exc:
-        _out(f"\nfedgate-demo failed: {exc}")
+        demo.keep = True  # the logs explain what went wrong
+        _out(f"\nfedgate-demo failed: {exc}\n(keys, configs, logs and databases kept in {demo.dir})")
         demo.result["error"] = str(exc)
         code = 1
     finally:
