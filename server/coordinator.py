@@ -101,6 +101,7 @@ class Coordinator:
         self.eval_seen: set[str] = set()
         self.eval_rows: list[tuple[str, int, str, int, dict[str, float]]] = []
         self.fatal: StoreError | None = None
+        self._dp_scratch: np.ndarray | None = None
         self._accepted = {kind: metrics.accepted.labels(kind.value) for kind in TaskKind}
         self._restore()
 
@@ -174,6 +175,9 @@ class Coordinator:
     def _encode_model(self) -> None:
         """Encode the global model once; the same frames go to every agent."""
         self._payload = codec.encode(self.params, self.fed.download_codec)
+        if self.fed.download_codec == "f32":  # keep one copy: the global model is a view on its encoding
+            self.params = np.frombuffer(self._payload, dtype="<f4", count=self.model.n_params,
+                                        offset=codec.HEADER_SIZE)
         scaler = None if self.scaler is None else {"mean": self.scaler[0].tolist(), "std": self.scaler[1].tolist()}
         self._scaler_dict = scaler
         self._model_frames = encode(MsgType.MODEL, {
@@ -317,14 +321,16 @@ class Coordinator:
     def _take_update(self, op: OpenRound, f: dict[str, Any], payload: memoryview | None) -> None:
         if f["n_samples"] < 1:
             raise Rejected("empty", "a train result must report n_samples >= 1")
-        out = self.strategy.buffer()
-        vec, _ = self.validator.check(payload, self.params, out)
+        vec, _ = self.validator.check(payload, self.params, self.strategy.buffer)
         weight = float(f["n_samples"])
         if self.cfg.privacy.enabled:
-            if vec is not out:
+            out = self.strategy.buffer()
+            if vec.ctypes.data != out.ctypes.data:
                 np.copyto(out, vec)
                 vec = out
-            clip_update(vec, self.params, self.cfg.privacy.clip_norm, self.validator.scratch)
+            if self._dp_scratch is None:
+                self._dp_scratch = np.empty(self.model.n_params, dtype=np.float32)
+            clip_update(vec, self.params, self.cfg.privacy.clip_norm, self._dp_scratch)
             weight = 1.0
         self.strategy.add(vec, weight)
 

@@ -96,9 +96,11 @@ class FedAvg(Strategy):
     def __init__(self, cfg: StrategySection, dim: int) -> None:
         super().__init__(cfg, dim)
         self._mean = agg.StreamingMean(dim)
-        self._buf = np.empty(dim, dtype=np.float32)
+        self._buf: np.ndarray | None = None
 
     def buffer(self) -> np.ndarray:
+        if self._buf is None:  # only updates that need decoding (not f32) land here
+            self._buf = np.empty(self.dim, dtype=np.float32)
         return self._buf
 
     def begin(self, global_params: np.ndarray, expected: int) -> None:

@@ -8,6 +8,7 @@ has a reason, used as the ``reason`` label of
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,22 +34,35 @@ class Rejected(Exception):
 class UpdateValidator:
     """Decodes and checks updates against the current global model (D float32 params).
 
-    One scratch vector of D float32 is reused for every update, so checking costs no
-    per-agent allocation beyond the decoded vector itself.
+    The distance to the global model is computed in blocks through a small scratch
+    buffer, so checking allocates nothing per update (and nothing model-sized at all
+    for ``f32`` updates, which are read in place).
     """
 
-    def __init__(self, dim: int, max_update_norm: float) -> None:
+    def __init__(self, dim: int, max_update_norm: float, block: int = 1 << 16) -> None:
         self.dim = dim
         self.max_update_norm = float(max_update_norm)
-        self.scratch = np.empty(dim, dtype=np.float32)
+        self.block = max(1, min(block, dim))
+        self._scratch = np.empty(self.block, dtype=np.float32)
+
+    def distance(self, vec: np.ndarray, global_params: np.ndarray) -> float:
+        """L2 norm of ``vec - global_params`` (float32 (D,) each), blockwise."""
+        total = 0.0
+        for start in range(0, self.dim, self.block):
+            end = min(start + self.block, self.dim)
+            part = self._scratch[: end - start]
+            np.subtract(vec[start:end], global_params[start:end], out=part)
+            n = agg.l2_norm(part)
+            total += n * n
+        return float(np.sqrt(total))
 
     def check(self, payload: memoryview | bytes | None, global_params: np.ndarray,
-              out: np.ndarray) -> tuple[np.ndarray, float]:
+              out: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
         """Decode and check one update; returns ``(params, update_norm)``.
 
         ``params`` is float32 (D,): for the ``f32`` codec a read-only view straight on the
-        received frame (no copy, see below), otherwise ``out`` filled by
-        :func:`fedgate.core.codec.decode`. The length announced by the codec header is
+        received frame (no copy, see below), otherwise the array ``out()`` returns, filled
+        by :func:`fedgate.core.codec.decode`. The length announced by the codec header is
         checked before anything is decoded.
 
         For ``f32`` the values are read in place after :func:`~fedgate.core.codec.read_header`
@@ -75,13 +89,12 @@ class UpdateValidator:
             vec = np.frombuffer(payload, dtype="<f4", count=self.dim, offset=codec.HEADER_SIZE)
         else:
             try:
-                vec = codec.decode(payload, out=out)
+                vec = codec.decode(payload, out=out())
             except FedgateError as exc:
                 raise Rejected("decode", str(exc)) from None
         if not agg.is_finite(vec):
             raise Rejected("nonfinite", f"update has a non-finite value at index {agg.first_nonfinite(vec)}")
-        np.subtract(vec, global_params, out=self.scratch)
-        norm = agg.l2_norm(self.scratch)
+        norm = self.distance(vec, global_params)
         if not norm <= self.max_update_norm:
             raise Rejected("norm", f"update norm {norm:.4g} exceeds max_update_norm {self.max_update_norm:g}")
         return vec, norm
