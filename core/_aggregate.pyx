@@ -226,78 +226,102 @@ cdef extern from *:
     typedef double fg_vd __attribute__((vector_size(128)));
     typedef int64_t fg_vl __attribute__((vector_size(128)));
 
+    typedef double fg_v8d __attribute__((vector_size(64)));
+    typedef int64_t fg_v8l __attribute__((vector_size(64)));
+
+    /* The FG_LANES lanes are U vectors of FG_LANES / U lanes (floats: one 16-lane
+       vector; doubles: two 8-lane vectors, which compilers lower far better). */
+
     /* per lane: cnt = #(x < p), below = max{x < p} (-inf if none), above = min{x >= p} */
-    #define FG_COUNT_PASS(NAME, T, VT, MT)                                           \
+    #define FG_COUNT_PASS(NAME, T, VT, MT, U)                                        \
     FG_CLONES static void NAME(const T* base, Py_ssize_t stride, Py_ssize_t n,       \
                                const T* p, int32_t* cnt, T* below, T* above) {       \
-        VT q, x, xb, xa, b, a, zero = {0}; MT c = {0}, m, g;                         \
-        memcpy(&q, p, sizeof(VT));                                                   \
-        b = zero - (T)INFINITY; a = zero + (T)INFINITY;                              \
-        const MT ninf = (MT)b, pinf = (MT)a;                                         \
-        for (Py_ssize_t r = 0; r < n; r++) {                                         \
-            memcpy(&x, base + r * stride, sizeof(VT));                               \
-            m = x < q;                                                               \
-            c -= m;                                                                  \
-            xb = (VT)(((MT)x & m) | (ninf & ~m));                                    \
-            xa = (VT)(((MT)x & ~m) | (pinf & m));                                    \
-            g = xb > b;                                                              \
-            b = (VT)(((MT)xb & g) | ((MT)b & ~g));                                   \
-            g = xa < a;                                                              \
-            a = (VT)(((MT)xa & g) | ((MT)a & ~g));                                   \
-        }                                                                            \
-        for (int k = 0; k < FG_LANES; k++) {                                         \
-            cnt[k] = (int32_t)c[k]; below[k] = b[k]; above[k] = a[k];                \
-        }                                                                            \
-    }
-    FG_COUNT_PASS(fg_count_pass_f32, float, fg_vf, fg_vi)
-    FG_COUNT_PASS(fg_count_pass_f64, double, fg_vd, fg_vl)
-
-    /* per lane: cnt1 = #(x < p1), cnt2 = #(x < p2) (counts only: cheap) */
-    #define FG_COUNT2_PASS(NAME, T, VT, MT)                                          \
-    FG_CLONES static void NAME(const T* base, Py_ssize_t stride, Py_ssize_t n,       \
-                               const T* p1, const T* p2, int32_t* cnt1, int32_t* cnt2) { \
-        VT q1, q2, x; MT c1 = {0}, c2 = {0};                                         \
-        memcpy(&q1, p1, sizeof(VT));                                                 \
-        memcpy(&q2, p2, sizeof(VT));                                                 \
-        for (Py_ssize_t r = 0; r < n; r++) {                                         \
-            memcpy(&x, base + r * stride, sizeof(VT));                               \
-            c1 -= x < q1;                                                            \
-            c2 -= x < q2;                                                            \
-        }                                                                            \
-        for (int k = 0; k < FG_LANES; k++) {                                         \
-            cnt1[k] = (int32_t)c1[k]; cnt2[k] = (int32_t)c2[k];                      \
-        }                                                                            \
-    }
-    FG_COUNT2_PASS(fg_count2_pass_f32, float, fg_vf, fg_vi)
-    FG_COUNT2_PASS(fg_count2_pass_f64, double, fg_vd, fg_vl)
-
-    /* Per lane: sum (double) of x with lo < x < hi, #(x <= lo), #(x < hi). */
-    #define FG_BAND_PASS(NAME, T)                                                    \
-    FG_CLONES static void NAME(const T* base, Py_ssize_t stride, Py_ssize_t n,       \
-                               const T* __restrict lo, const T* __restrict hi,       \
-                               double* __restrict sum, int32_t* __restrict le_lo,    \
-                               int32_t* __restrict lt_hi) {                          \
-        double s_[FG_LANES]; int32_t l_[FG_LANES], h_[FG_LANES];                     \
-        T lo_[FG_LANES], hi_[FG_LANES];                                              \
-        for (int c = 0; c < FG_LANES; c++) {                                         \
-            s_[c] = 0.0; l_[c] = 0; h_[c] = 0; lo_[c] = lo[c]; hi_[c] = hi[c];       \
+        enum { W = FG_LANES / U };                                                   \
+        VT q[U], b[U], a[U], x, xb, xa, zero = {0}; MT c[U], m, g;                   \
+        const VT vninf = zero - (T)INFINITY, vpinf = zero + (T)INFINITY;             \
+        const MT ninf = (MT)vninf, pinf = (MT)vpinf;                                 \
+        for (int u = 0; u < U; u++) {                                                \
+            memcpy(&q[u], p + u * W, sizeof(VT));                                    \
+            b[u] = vninf; a[u] = vpinf; c[u] = (MT)(zero * 0) & 0;                   \
         }                                                                            \
         for (Py_ssize_t r = 0; r < n; r++) {                                         \
-            const T* row = base + r * stride;                                        \
-            for (int c = 0; c < FG_LANES; c++) {                                     \
-                T x = row[c];                                                        \
-                int in = (x > lo_[c]) & (x < hi_[c]);                                \
-                s_[c] += in ? (double)x : 0.0;                                       \
-                l_[c] += x <= lo_[c];                                                \
-                h_[c] += x < hi_[c];                                                 \
+            for (int u = 0; u < U; u++) {                                            \
+                memcpy(&x, base + r * stride + u * W, sizeof(VT));                   \
+                m = x < q[u];                                                        \
+                c[u] -= m;                                                           \
+                xb = (VT)(((MT)x & m) | (ninf & ~m));                                \
+                xa = (VT)(((MT)x & ~m) | (pinf & m));                                \
+                g = xb > b[u];                                                       \
+                b[u] = (VT)(((MT)xb & g) | ((MT)b[u] & ~g));                         \
+                g = xa < a[u];                                                       \
+                a[u] = (VT)(((MT)xa & g) | ((MT)a[u] & ~g));                         \
             }                                                                        \
         }                                                                            \
-        for (int c = 0; c < FG_LANES; c++) {                                         \
-            sum[c] = s_[c]; le_lo[c] = l_[c]; lt_hi[c] = h_[c];                      \
+        for (int u = 0; u < U; u++)                                                  \
+            for (int k = 0; k < W; k++) {                                            \
+                cnt[u * W + k] = (int32_t)c[u][k];                                   \
+                below[u * W + k] = b[u][k]; above[u * W + k] = a[u][k];              \
+            }                                                                        \
+    }
+    FG_COUNT_PASS(fg_count_pass_f32, float, fg_vf, fg_vi, 1)
+    FG_COUNT_PASS(fg_count_pass_f64, double, fg_v8d, fg_v8l, 2)
+
+    /* per lane: cnt1 = #(x < p1), cnt2 = #(x < p2) (counts only: cheap) */
+    #define FG_COUNT2_PASS(NAME, T, VT, MT, U)                                       \
+    FG_CLONES static void NAME(const T* base, Py_ssize_t stride, Py_ssize_t n,       \
+                               const T* p1, const T* p2, int32_t* cnt1, int32_t* cnt2) { \
+        enum { W = FG_LANES / U };                                                   \
+        VT q1[U], q2[U], x, zero = {0}; MT c1[U], c2[U];                             \
+        for (int u = 0; u < U; u++) {                                                \
+            memcpy(&q1[u], p1 + u * W, sizeof(VT));                                  \
+            memcpy(&q2[u], p2 + u * W, sizeof(VT));                                  \
+            c1[u] = (MT)(zero * 0) & 0; c2[u] = c1[u];                               \
+        }                                                                            \
+        for (Py_ssize_t r = 0; r < n; r++) {                                         \
+            for (int u = 0; u < U; u++) {                                            \
+                memcpy(&x, base + r * stride + u * W, sizeof(VT));                   \
+                c1[u] -= x < q1[u];                                                  \
+                c2[u] -= x < q2[u];                                                  \
+            }                                                                        \
+        }                                                                            \
+        for (int u = 0; u < U; u++)                                                  \
+            for (int k = 0; k < W; k++) {                                            \
+                cnt1[u * W + k] = (int32_t)c1[u][k]; cnt2[u * W + k] = (int32_t)c2[u][k]; \
+            }                                                                        \
+    }
+    FG_COUNT2_PASS(fg_count2_pass_f32, float, fg_vf, fg_vi, 1)
+    FG_COUNT2_PASS(fg_count2_pass_f64, double, fg_v8d, fg_v8l, 2)
+
+    /* Per lane: sum (double) of x with lo < x < hi, #(x <= lo), #(x < hi). Two
+       halves of 8 lanes, so each float half widens to exactly one 8-double vector. */
+    typedef float fg_v8f __attribute__((vector_size(32)));
+    typedef int32_t fg_v8i __attribute__((vector_size(32)));
+    #define FG_BAND_PASS(NAME, T, HT, HM)                                            \
+    FG_CLONES static void NAME(const T* base, Py_ssize_t stride, Py_ssize_t n,       \
+                               const T* lo, const T* hi, double* sum,                \
+                               int32_t* le_lo, int32_t* lt_hi) {                     \
+        HT l0, l1, h0, h1, x0, x1; HM a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};        \
+        fg_v8d s0 = {0}, s1 = {0};                                                   \
+        memcpy(&l0, lo, sizeof(HT)); memcpy(&l1, lo + 8, sizeof(HT));                \
+        memcpy(&h0, hi, sizeof(HT)); memcpy(&h1, hi + 8, sizeof(HT));                \
+        for (Py_ssize_t r = 0; r < n; r++) {                                         \
+            const T* row = base + r * stride;                                        \
+            memcpy(&x0, row, sizeof(HT)); memcpy(&x1, row + 8, sizeof(HT));          \
+            a0 -= x0 <= l0; a1 -= x1 <= l1;                                          \
+            b0 -= x0 < h0; b1 -= x1 < h1;                                            \
+            s0 += (fg_v8d)((fg_v8l)__builtin_convertvector(x0, fg_v8d)               \
+                           & __builtin_convertvector((x0 > l0) & (x0 < h0), fg_v8l)); \
+            s1 += (fg_v8d)((fg_v8l)__builtin_convertvector(x1, fg_v8d)               \
+                           & __builtin_convertvector((x1 > l1) & (x1 < h1), fg_v8l)); \
+        }                                                                            \
+        for (int k = 0; k < 8; k++) {                                                \
+            sum[k] = s0[k]; sum[k + 8] = s1[k];                                      \
+            le_lo[k] = (int32_t)a0[k]; le_lo[k + 8] = (int32_t)a1[k];                \
+            lt_hi[k] = (int32_t)b0[k]; lt_hi[k + 8] = (int32_t)b1[k];                \
         }                                                                            \
     }
-    FG_BAND_PASS(fg_band_pass_f32, float)
-    FG_BAND_PASS(fg_band_pass_f64, double)
+    FG_BAND_PASS(fg_band_pass_f32, float, fg_v8f, fg_v8i)
+    FG_BAND_PASS(fg_band_pass_f64, double, fg_v8d, fg_v8l)
 
     /* order-preserving integer key of a float (for bisection in value order) */
     static inline int64_t fg_key_f32(float x) {
