@@ -1,4 +1,47 @@
-"""fedgate.server: the aggregation daemon (transport, coordinator, strategies, store, metrics)."""
+"""fedgate.server: the aggregation daemon (transport, coordinator, strategies, store, metrics).
+
+Public names are loaded lazily (PEP 562)::
+
+    from fedgate.server import Server, load_config
+    with Server(load_config("server.toml")) as server:
+        server.run()            # until server.request_stop()
+"""
 from __future__ import annotations
 
-__all__: list[str] = []
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "ServerConfig": "fedgate.server.config",
+    "StrategyName": "fedgate.server.config",
+    "load_config": "fedgate.server.config",
+    "parse_config": "fedgate.server.config",
+    "Server": "fedgate.server.service",
+    "Coordinator": "fedgate.server.coordinator",
+    "Transport": "fedgate.server.transport",
+    "generate_keypair": "fedgate.server.transport",
+    "Strategy": "fedgate.server.strategies",
+    "make_strategy": "fedgate.server.strategies",
+    "PrivacyAccountant": "fedgate.server.privacy",
+    "Checkpoint": "fedgate.server.store",
+    "CheckpointStore": "fedgate.server.store",
+    "History": "fedgate.server.store",
+    "read_checkpoint": "fedgate.server.store",
+    "ServerMetrics": "fedgate.server.metrics",
+    "UpdateValidator": "fedgate.server.validate",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedgate.server' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
