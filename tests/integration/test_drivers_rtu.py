@@ -85,3 +85,36 @@ def test_rtu_port_that_does_not_exist_is_a_connection_error(tmp_path):
     status, latest = run(main())
     assert status["state"] == "down" and "cannot connect" in status["last_error"]
     assert latest["meter.power"].quality is Quality.ERROR
+
+
+def test_rtu_adapter_unplugged_and_plugged_back(tmp_path):
+    from fedgate.drivers import codec_for
+    path = str(tmp_path / "ttyRS485")
+    doc = _doc(path)
+    doc["devices"] = doc["devices"][:1]
+
+    async def main():
+        link = PtyLink(b_link=path).start()
+        peer = await ModbusPeer(units=(3,), serial_port=link.a_path).start()
+        await peer.set("input", 12, list(codec_for("float32", "CDAB").encode(1.5)))
+        acq = Acquisition(load_config(doc, file="agent.toml"), seed=10)
+        await acq.start()
+        try:
+            await wait_until(lambda: acq.latest().get("meter.power") is not None
+                             and acq.latest()["meter.power"].value == 1.5, what="first value")
+            await peer.stop()
+            link.close()  # adapter pulled: the path is gone
+            await wait_until(lambda: acq.status()["meter"]["state"] == "down", what="down")
+            await wait_until(lambda: acq.status()["meter"]["errors"]["connection"] >= 3, what="reopen attempts")
+            link = PtyLink(b_link=path).start()  # plugged back in
+            peer = await ModbusPeer(units=(3,), serial_port=link.a_path).start()
+            await peer.set("input", 12, list(codec_for("float32", "CDAB").encode(2.5)))
+            await wait_until(lambda: acq.latest()["meter.power"].value == 2.5, what="value after replug")
+            return acq.status()["meter"]
+        finally:
+            await acq.stop()
+            await peer.stop()
+            link.close()
+
+    status = run(main())
+    assert status["state"] == "up" and status["reconnects"] >= 1
