@@ -8,6 +8,7 @@ committed is already on disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -15,9 +16,9 @@ import time
 from typing import Any
 
 from fedgate.core import systemd
-from fedgate.core.errors import FedgateError
+from fedgate.core.errors import ConfigError, FedgateError
 from fedgate.core.keys import public_keys_in
-from fedgate.server.config import ServerConfig
+from fedgate.server.config import ServerConfig, load_config
 from fedgate.server.coordinator import Coordinator
 from fedgate.server.metrics import ServerMetrics
 from fedgate.server.spec import load_model_spec
@@ -101,7 +102,23 @@ class Server:
         self._reload.set()
 
     def _do_reload(self) -> None:
+        """SIGHUP: re-read the config (log level applies at once; other changes need a
+        restart and are named) and the key allow-list. A broken config keeps the old one."""
         systemd.reloading()
+        if self.cfg.path:
+            try:
+                new = load_config(self.cfg.path)
+            except ConfigError as exc:
+                log.error("reload: config not reloaded, keeping the running one: %s", exc)
+            else:
+                logging.getLogger().setLevel(new.server.log_level.upper())
+                for section in ("server", "federation", "strategy", "privacy"):
+                    old_s, new_s = getattr(self.cfg, section), getattr(new, section)
+                    changed = [f.name for f in dataclasses.fields(old_s)
+                               if f.name != "log_level" and getattr(old_s, f.name) != getattr(new_s, f.name)]
+                    if changed:
+                        log.warning("reload: [%s] %s changed; takes effect after a restart", section,
+                                    ", ".join(changed))
         assert self.transport is not None
         n = self.transport.reload_keys()
         if n is not None:
