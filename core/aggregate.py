@@ -6,6 +6,19 @@ naming the offending value, then hands the arithmetic to the compiled kernels in
 (1-D, float32 or float64); a *stack* is a C-contiguous ``(n_updates, dim)`` array.
 Aggregates keep the dtype of their input.
 
+How the coordinate-wise rules compute (all exact, no sorting of whole columns):
+
+* up to a few hundred updates, a Batcher sorting network pruned to the outputs
+  the rule needs runs on column tiles, every comparator a vectorised min/max
+  over the tile's columns;
+* beyond, counting passes over column tiles: per coordinate an interval known
+  to hold the wanted order statistic shrinks with each pass (pivots from a
+  sorted sample, then interpolation, then exact neighbouring data values), so
+  the cost is a handful of vectorised passes whatever the values are.
+
+Krum's distances use the Gram form in float64 over column chunks, centred per
+chunk so nearly equal updates far from zero keep their distances.
+
 >>> import numpy as np
 >>> acc = StreamingMean(3)
 >>> acc.add(np.array([1.0, 2.0, 3.0], dtype=np.float32), weight=1.0)

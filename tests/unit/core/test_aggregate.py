@@ -460,3 +460,13 @@ def test_server_optimiser_validates():
         agg.server_opt_step("fedadam", p, p.copy(), p.copy(), np.zeros(4, dtype=np.float32), lr=0.1)
     with pytest.raises(AggregationError, match="params must be"):
         agg.momentum_step(np.zeros(3), p, p)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from fedgate.core import codec
+
+    for module in (agg, codec):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
