@@ -249,7 +249,7 @@ def parse_agent_config(doc: dict[str, Any], *, file: str, with_drivers: bool = T
         raise _with_file(exc, file) from None
     uplink = None
     if "uplink" in doc:
-        from fedgate.agent.uplink import UplinkConfig
+        from fedgate.agent.uplink_types import UplinkConfig
 
         try:
             uplink = build(UplinkConfig, doc["uplink"], file=file, key="uplink")
