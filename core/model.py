@@ -506,7 +506,11 @@ class Model:
     def _reference(self, reference: Any) -> np.ndarray:
         if reference is None:
             raise ConfigError("prox_mu > 0 needs the reference (global) parameters", key="reference")
-        ref = np.ascontiguousarray(reference, dtype=np.float32)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                ref = np.ascontiguousarray(reference, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"not a numeric vector ({exc})", key="reference") from None
         if ref.shape != (self.n_params,) or not np.isfinite(ref).all():
             raise ConfigError(f"must be {self.n_params} finite values", key="reference", value=f"shape {ref.shape}")
         return ref
@@ -514,7 +518,10 @@ class Model:
     def _weights(self, n: int, Y: np.ndarray, sample_weight: Any, class_weight: Any) -> np.ndarray:
         sw = np.ones(n, np.float64)
         if sample_weight is not None:
-            sw = np.array(sample_weight, dtype=np.float64)
+            try:
+                sw = np.array(sample_weight, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise TrainingError(f"sample_weight must be numeric ({exc})") from None
             if sw.shape != (n,) or not np.isfinite(sw).all() or (sw < 0).any():
                 raise TrainingError(f"sample_weight must be {n} finite values >= 0 (shape {sw.shape})")
         if class_weight is not None:
@@ -522,9 +529,10 @@ class Model:
                 raise ConfigError("must be None or 'balanced' (classifiers only)", key="class_weight",
                                   value=class_weight)
             n_classes = max(self._spec.n_outputs, 2)
-            labels = Y.astype(np.int64)
-            if not (np.array_equal(labels, Y) and labels.min() >= 0 and labels.max() < n_classes):
-                raise TrainingError(f"class labels must be integers in [0, {n_classes})")
+            ok = bool(np.isfinite(Y).all() and Y.min() >= 0 and Y.max() < n_classes)
+            labels = Y.astype(np.int64) if ok else Y
+            if not (ok and np.array_equal(labels, Y)):
+                raise TrainingError(f"class labels must be integers in [0, {n_classes}) for class_weight='balanced'")
             counts = np.bincount(labels, minlength=n_classes)
             present = np.count_nonzero(counts)
             per_class = np.where(counts > 0, n / (present * np.maximum(counts, 1)), 0.0)

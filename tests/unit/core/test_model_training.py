@@ -294,3 +294,21 @@ def test_changed_hyper_parameters_take_effect_between_calls():
 
     assert not np.array_equal(same.params, changed.params)
     np.testing.assert_array_equal(changed.params, direct.params)
+
+
+def test_weighting_and_reference_inputs_are_validated():
+    X, y = blobs()
+    model = Model(ModelSpec("softmax", 4, n_outputs=3))
+    bad = y.astype(np.float64)
+    bad[5] = np.nan
+    with pytest.raises(TrainingError, match="class labels must be integers"):
+        model.fit(X, bad, class_weight="balanced")
+    bad[5] = 7
+    with pytest.raises(TrainingError, match=r"in \[0, 3\)"):
+        model.fit(X, bad, class_weight="balanced")
+    with pytest.raises(TrainingError, match="sample_weight must be numeric"):
+        model.fit(X, y, sample_weight=["a"] * len(y))
+    with pytest.raises(ConfigError, match="not a numeric vector"):
+        model.fit(X, y, prox_mu=0.1, reference=["x"] * model.n_params)
+    with pytest.raises(ConfigError, match="finite values"):
+        model.fit(X, y, prox_mu=0.1, reference=np.full(model.n_params, 1e300))
