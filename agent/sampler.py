@@ -210,6 +210,20 @@ class Sampler:
             return 0.0
         return (self._k_done + 1) * self._grid + self._delay
 
+    def next_due_s(self) -> float:
+        """Wall-clock time at which :meth:`advance` has a window or a label to deliver.
+
+        Waking only then (not on every grid point) lets the caller close many grid
+        points in one vectorised call.
+        """
+        if self._k_done is None:
+            return 0.0
+        k = self._k_done + 1
+        due = -(-k // self._h) * self._h
+        if self._pending:
+            due = min(due, self._pending[0][0] + self._hz)
+        return max(due, k) * self._grid + self._delay
+
     def advance(self, now_s: float) -> tuple[list[Window], list[Sample]]:
         """Close every grid point up to ``now_s - delay``; return new windows and samples."""
         k_end = math.floor((now_s - self._delay) / self._grid + 1e-9)

@@ -2,8 +2,10 @@
 
 Start-up does only what readiness needs (config, store, the persisted model), then
 tells systemd ``READY=1`` and brings up the devices, the uplink and the metrics
-endpoint. The main loop wakes on every grid point, stores new samples, scores new
-windows and pings the watchdog, so a wedged loop gets the process restarted.
+endpoint. The main loop stores new samples, scores new
+windows and pings the watchdog, so a wedged loop gets the process restarted. It
+wakes when a window or a label is due (every ``hop``), and closes the grid points in
+between in one vectorised step.
 
 Signals: SIGTERM/SIGINT stop (the uplink finishes or keeps its results in the
 outbox, every sample is already committed); SIGHUP reloads the config, keeping the
@@ -211,7 +213,7 @@ class AgentService:
         while not self._stop.is_set():
             assert self.sampler is not None
             now = time.time()
-            wake_at = min(self.sampler.next_tick_s(), self._last_state + STATE_EVERY_S)
+            wake_at = min(self.sampler.next_due_s(), self._last_state + STATE_EVERY_S)
             delay = max(0.0, min(wake_at - now, wd if wd is not None else 1.0, 1.0))
             if delay > 0:
                 self._wake.clear()

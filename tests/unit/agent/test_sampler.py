@@ -213,3 +213,16 @@ def test_delay_waits_for_late_values():
     w, _ = s.advance(1.5)
     assert [x.t_end for x in w] == [1.0]
     assert s.next_tick_s() == pytest.approx(2.5)
+
+
+def test_next_due_is_the_next_window_end_or_label():
+    s = Sampler(_cfg(window=4, hop=4, horizon=2.0, delay=0.5), start_s=1.0)
+    s.feed([TV("m.x", 1.0, float(t)) for t in range(1, 12)] + [TV("m.f", 0.0, float(t)) for t in range(1, 12)])
+    assert s.next_due_s() == 0.0  # not started: advance now
+    s.advance(1.5)  # closes tick 1
+    assert s.next_due_s() == pytest.approx(4.5)  # the window ending at 4
+    w, _ = s.advance(4.5)
+    assert [x.t_end for x in w] == [4.0]
+    assert s.next_due_s() == pytest.approx(6.5)  # its label, due at 4 + 2
+    _, smp = s.advance(6.5)
+    assert [x.t_end for x in smp] == [4.0] and s.next_due_s() == pytest.approx(8.5)
