@@ -12,7 +12,6 @@ m1: 1 request(s) per cycle, 1 register(s)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -79,6 +78,7 @@ class Acquisition:
         self._links: dict[str, ModbusLink] = {}
         self._readers: dict[str, SerialLineReader] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         for dev in cfg.devices:
             self._status[dev.name] = DeviceStatus(transport=dev.transport)
             if isinstance(dev, ModbusDeviceConfig):
@@ -107,11 +107,20 @@ class Acquisition:
     async def stop(self) -> None:
         """Cancel every loop and close every transport."""
         tasks, self._tasks = self._tasks, []
+        self._stopping = True
+        for reader in self._readers.values():
+            reader.stopping = True
+        pending = set(tasks)
+        while pending:
+            # cancel again until done: on Python < 3.12 asyncio.wait_for inside pymodbus can
+            # swallow a cancellation that races with a reply
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if not task.cancelled() and task.exception() is not None:
+                log.error("acquisition task %s failed: %r", task.get_name(), task.exception())
+        self._stopping = False
         for link in self._links.values():
             link.close()
         self._links.clear()
@@ -160,7 +169,7 @@ class Acquisition:
         backoff = Backoff(tcfg.reconnect_delay_s, tcfg.reconnect_delay_max_s, seed=self._seed)
         st = self._status[dev.name]
         next_t = loop.time()
-        while True:
+        while not self._stopping:
             try:
                 values, link_failed = await self.poll_device(dev)
             except Exception as exc:  # a bug must not end acquisition: count, back off, go on

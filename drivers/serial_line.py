@@ -234,14 +234,15 @@ class SerialLineReader:
         self._status = status
         self._backoff = Backoff(cfg.reconnect_delay_s, cfg.reconnect_delay_max_s, seed=seed)
         self.opens = 0
+        self.stopping = False
         first = self.devices[0]
         self._term = first.terminator.encode("latin-1")
         self._max_len = min(d.max_line_length for d in self.devices)
         self._requesters = [d for d in self.devices if d.request]
 
     async def run(self) -> None:
-        """Open, read, and reopen with backoff after a failure; never returns."""
-        while True:
+        """Open, read, and reopen with backoff after a failure, until cancelled (or :attr:`stopping`)."""
+        while not self.stopping:
             try:
                 port = self._open()
             except (serial.SerialException, OSError, ValueError) as exc:
@@ -291,7 +292,7 @@ class SerialLineReader:
             fd = None  # URL handlers without a descriptor (loop://): poll
         next_request = loop.time()
         try:
-            while True:
+            while not self.stopping:
                 wait_s: float = 0.05 if fd is None else self.cfg.timeout_s
                 if self._requesters:
                     now = loop.time()
