@@ -210,7 +210,14 @@ class Acquisition:
         values: list[TagValue] = []
         link_failures = 0
         connects_before = link.connects
+        unreachable = False
         for req in plan.requests:
+            if unreachable:  # the link could not be opened this cycle: do not knock again
+                link_failures += 1
+                ts = time.time()
+                values += [TagValue(f"{dev.name}.{p.tag.name}", None, ts, Quality.ERROR, (), p.tag.unit)
+                           for p in req.tags]
+                continue
             try:
                 regs = await link.read(req.table, dev.unit_id, req.start, req.count,
                                        busy_retries=dev.busy_retries, busy_wait_s=dev.busy_retries_wait_s)
@@ -220,7 +227,9 @@ class Acquisition:
                 st.last_error = str(exc)
                 if kind in ("timeout", "connection"):
                     link_failures += 1
-                if not isinstance(exc, ConnectFailed):  # that one never reached the wire
+                if isinstance(exc, ConnectFailed):  # that one never reached the wire
+                    unreachable = True
+                else:
                     st.requests += 1
                 ts = time.time()
                 values += [TagValue(f"{dev.name}.{p.tag.name}", None, ts, Quality.ERROR, (), p.tag.unit)
