@@ -111,7 +111,6 @@ class Uplink:
         self._stop_event: asyncio.Event | None = None
         self._stop_requested = False
         self._executor: ThreadPoolExecutor | None = None
-        self._wake: asyncio.Event | None = None
         if cfg.insecure:
             log.warning("uplink to %s is INSECURE: no encryption, no server authentication "
                         "(insecure = true in [uplink])", cfg.server)
@@ -121,7 +120,6 @@ class Uplink:
         """Talk to the server until :meth:`stop`; never raises on network trouble."""
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
-        self._wake = asyncio.Event()
         if self._stop_requested:
             self._stop_event.set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ThreadPoolExecutor-uplink")
@@ -141,7 +139,7 @@ class Uplink:
                 finally:
                     self._sock = self._sync = None
                     self._registered = False
-                    sock.close(linger=0 if self._stop_event.is_set() else LINGER_MS)
+                    sock.close(linger=LINGER_MS)  # bounded: lets a final bye leave
                 if self._stop_event.is_set():
                     break
                 attempt = 0 if welcomed else attempt + 1
@@ -218,12 +216,13 @@ class Uplink:
 
     async def _session(self, sock: zmq.asyncio.Socket) -> tuple[bool, bool]:
         """One connection's life. Returns (was welcomed, was refused)."""
-        assert self._stop_event is not None and self._wake is not None
+        assert self._stop_event is not None
         now = time.monotonic()
         started = last_rx = now
         next_hello = now
         next_hb = float("inf")
         welcomed = False
+        hello: dict[str, Any] | None = None  # asked of the handler once per (re)registration
         while not self._stop_event.is_set():
             now = time.monotonic()
             if not self._registered:
@@ -234,7 +233,8 @@ class Uplink:
                     log.info("uplink: no welcome from %s within %.1fs", self.cfg.server, self.cfg.hello_timeout_s)
                     return False, False
                 if now >= next_hello:
-                    sent = self._send_nowait(sock, MsgType.HELLO, self._hello_fields())
+                    hello = hello or self._hello_fields()
+                    sent = self._send_nowait(sock, MsgType.HELLO, hello)
                     next_hello = now + (max(1.0, self._heartbeat_s()) if sent else 0.02)
             else:
                 if now - last_rx > self._dead_after_s():
@@ -264,6 +264,7 @@ class Uplink:
                     return welcomed, True
                 elif outcome == "reregister":
                     next_hello = time.monotonic()
+                    hello = None
                 if self._stop_event.is_set():
                     break
         if self._registered:

@@ -5,7 +5,8 @@ Every agent is a separate process running the real uplink; its train task return
 global parameters plus a fixed seeded noise vector (trivial local work, as in the
 Flower harness), so a round's time is the framework's: task fan-out, codec, transport,
 validation, aggregation, checkpoint and commit. The model is a one-hidden-layer MLP
-sized to exactly D float32 parameters; statistics and evaluate rounds are off.
+sized to exactly D float32 parameters; statistics and evaluate rounds are off. The
+global model goes down with the same codec as the updates go up (f32 or q8).
 
 Measured per configuration (N agents x D params, codec, CURVE on/off): the median
 train-round wall time from the server's history (task sent -> round aggregated), the
@@ -87,10 +88,13 @@ def train_rounds(history: Path) -> list[tuple[int, float, float]]:
     return [(int(r), float(s), float(f)) for r, s, f in rows]
 
 
-def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Path, timeout_s: float) -> dict[str, Any]:
+def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Path, timeout_s: float,
+              state_dir: Path | None = None) -> dict[str, Any]:
     tag = f"n{n}_d{d}_{codec}_{'curve' if curve else 'plain'}"
     wd = workdir / tag
     wd.mkdir(parents=True, exist_ok=True)
+    sd = wd if state_dir is None else state_dir / tag
+    sd.mkdir(parents=True, exist_ok=True)
     spec, d_exact = mlp_for(d)
     names = [f"gw{i:03d}" for i in range(n)]
     keys = fedtools.make_keys(wd, "server", names) if curve else None
@@ -105,7 +109,8 @@ def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Pat
         server_cfg["insecure"] = True
     fed = {"name": "bench", "model": spec, "features": [f"f{i}" for i in range(spec["n_features"])],
            "label": "y", "rounds": rounds, "min_agents": n, "fraction": 1.0, "round_timeout": "120s",
-           "local_epochs": 1, "batch_size": 32, "lr": 0.01, "codec": codec, "evaluate": False,
+           "local_epochs": 1, "batch_size": 32, "lr": 0.01, "codec": codec,
+           "download_codec": codec if codec in ("f32", "f16", "q8") else "f32", "evaluate": False,
            "statistics": False, "seed": 0}
     cfg = fedtools.write_toml(wd / "server.toml", {"server": server_cfg, "federation": fed,
                                                    "strategy": {"name": "fedavg", "max_update_norm": 1e9}})
@@ -116,7 +121,7 @@ def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Pat
     try:
         for i, name in enumerate(names):
             agents.append(fedtools.spawn(
-                fedtools.agent_command(name, server=f"tcp://127.0.0.1:{port}", db=wd / f"{name}.db", keys=keys,
+                fedtools.agent_command(name, server=f"tcp://127.0.0.1:{port}", db=sd / f"{name}.db", keys=keys,
                                        seed=i, mode="bench", n_features=spec["n_features"],
                                        report=wd / f"{name}.json", heartbeat="5s", dead_after="15s",
                                        log_level="warning"),
@@ -208,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_CONFIGS}, 5 rounds, insecure only")
     ap.add_argument("--json", metavar="PATH", help="write all results here")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--agent-state-dir", default=None,
+                    help="where the agents' state files (outbox) go; default the work dir (disk). On one host "
+                         "all agents fsync to the same disk, which real gateways do not")
     args = ap.parse_args(argv)
     configs = args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
     rounds = 5 if args.quick and args.rounds == 11 else args.rounds
@@ -219,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         for codec in args.codecs.split(","):
             for curve in curves:
                 print(f"fedgate N={n} D={d} codec={codec} curve={curve} ...", flush=True)
-                r = run_point(n, d, codec, curve == "on", rounds, workdir, args.timeout)
+                r = run_point(n, d, codec, curve == "on", rounds, workdir, args.timeout,
+                              Path(args.agent_state_dir) if args.agent_state_dir else None)
+                r["agent_state"] = args.agent_state_dir or "disk"
                 print(json.dumps(r), flush=True)
                 results.append(r)
     flower: dict[tuple[int, int], dict[str, Any]] = {}

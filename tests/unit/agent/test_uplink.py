@@ -426,3 +426,21 @@ def test_failing_handler_is_counted_and_the_link_stays(tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="fedgate.agent.uplink"):
         run_scenario(None, tmp_path / "s.db", scenario, handler=Broken())
     assert "sensor table empty" in caplog.text
+
+
+def test_impostor_server_never_gets_a_hello(keys, tmp_path):
+    """The server's public key is pinned: a server with another key never completes CURVE."""
+    _, impostor_secret = zmq.curve_keypair()
+    impostor = dict(keys, server_secret=impostor_secret)
+    got: list[Any] = []
+
+    async def scenario(server: ScriptedServer, uplink: Uplink) -> None:
+        try:
+            got.append(await server.recv(timeout_s=2.5))
+        except (AssertionError, asyncio.TimeoutError):
+            pass
+        await _until(lambda: uplink.counters["hello_timeouts"] >= 1)
+        assert not uplink.status()["connected"]
+
+    up = run_scenario(impostor, tmp_path / "s.db", scenario)
+    assert got == [] and up.counters["reconnects"] >= 1
