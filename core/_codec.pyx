@@ -22,6 +22,7 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <string.h>
+    #include <math.h>
     static inline uint32_t fg_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
     static inline float fg_u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
@@ -56,7 +57,7 @@ cdef extern from *:
         x ^= x >> 16; x *= 0x21f0aaadu;
         x ^= x >> 15; x *= 0x735a2d97u;
         x ^= x >> 15;
-        return (float)(x >> 8) * 5.9604644775390625e-08f;
+        return (float)(int32_t)(x >> 8) * 5.9604644775390625e-08f;  /* signed: native on every SIMD level */
     }
 
     /* Array loops, compiled for AVX-512, AVX2 and the baseline on x86-64 Linux/GCC
@@ -79,28 +80,50 @@ cdef extern from *:
         return m;
     }
 
-    /* q = floor(x * inv + u) clamped to [-127, 127] (shifted by 128 so truncation is floor);
-       with r: x = v + r and r receives x - q * scale */
-    FG_CLONES static void fg_q8_block(const float* __restrict v, float* __restrict r, int8_t* __restrict q,
-                                      Py_ssize_t n, float scale, float inv, uint32_t seed, uint32_t base) {
-        if (r == NULL) {
-            for (Py_ssize_t i = 0; i < n; i++) {
-                float t = v[i] * inv + fg_uniform(seed, base + (uint32_t)i) + 128.0f;
-                t = t > 1.0f ? t : 1.0f;
-                t = t < 255.0f ? t : 255.0f;
-                q[i] = (int8_t)((int32_t)t - 128);
+    /* The whole q8 payload in one call (no per-block dispatch): per block the largest
+       |x|, the float32 scale max|x| / 127 (kept so 127 * scale stays finite; zero for
+       all-zero or subnormal blocks) and the codes. Returns 1 if a value is not finite. */
+    FG_CLONES static int fg_q8_encode(const float* __restrict v, float* __restrict r, int8_t* __restrict q,
+                                      char* scales, Py_ssize_t n, Py_ssize_t block, uint32_t seed) {
+        for (Py_ssize_t c0 = 0, b = 0; c0 < n; c0 += block, b++) {
+            Py_ssize_t w = n - c0 < block ? n - c0 : block;
+            const float* vb = v + c0;
+            float* rb = r ? r + c0 : NULL;
+            int8_t* qb = q + c0;
+            uint32_t m = 0, base = (uint32_t)c0;
+            float scale = 0.0f, inv = 0.0f;
+            if (rb == NULL) {
+                for (Py_ssize_t i = 0; i < w; i++) { uint32_t a = fg_f2u(vb[i]) & 0x7fffffffu; m = a > m ? a : m; }
+            } else {
+                for (Py_ssize_t i = 0; i < w; i++) { uint32_t a = fg_f2u(vb[i] + rb[i]) & 0x7fffffffu; m = a > m ? a : m; }
             }
-        } else {
-            for (Py_ssize_t i = 0; i < n; i++) {
-                float x = v[i] + r[i];
-                float t = x * inv + fg_uniform(seed, base + (uint32_t)i) + 128.0f;
-                t = t > 1.0f ? t : 1.0f;
-                t = t < 255.0f ? t : 255.0f;
-                int32_t qi = (int32_t)t - 128;
-                q[i] = (int8_t)qi;
-                r[i] = x - (float)qi * scale;
+            if (m >= 0x7f800000u) return 1;
+            if (m >= 0x00800000u) {
+                scale = (float)((double)fg_u2f(m) / 127.0);
+                if ((double)scale * 127.0 > 3.4028234663852886e38) scale = nextafterf(scale, 0.0f);
+                inv = (float)(127.0 / (double)fg_u2f(m));
+            }
+            memcpy(scales + 4 * b, &scale, 4);
+            if (rb == NULL) {
+                for (Py_ssize_t i = 0; i < w; i++) {
+                    float t = vb[i] * inv + fg_uniform(seed, base + (uint32_t)i) + 128.0f;
+                    t = t > 1.0f ? t : 1.0f;
+                    t = t < 255.0f ? t : 255.0f;
+                    qb[i] = (int8_t)((int32_t)t - 128);
+                }
+            } else {
+                for (Py_ssize_t i = 0; i < w; i++) {
+                    float x = vb[i] + rb[i];
+                    float t = x * inv + fg_uniform(seed, base + (uint32_t)i) + 128.0f;
+                    t = t > 1.0f ? t : 1.0f;
+                    t = t < 255.0f ? t : 255.0f;
+                    int32_t qi = (int32_t)t - 128;
+                    qb[i] = (int8_t)qi;
+                    rb[i] = x - (float)qi * scale;
+                }
             }
         }
+        return 0;
     }
 
     FG_CLONES static void fg_q8_dequant(const int8_t* __restrict q, float* __restrict out, Py_ssize_t n,
@@ -132,9 +155,9 @@ cdef extern from *:
     float fg_h2f(uint16_t h) nogil
     float fg_uniform(uint32_t seed, uint32_t i) nogil
     uint32_t fg_maxabs_bits(const float* v, const float* r, Py_ssize_t n) nogil
-    void fg_q8_block(const float* v, float* r, int8_t* q, Py_ssize_t n, float scale, float inv,
-                     uint32_t seed, uint32_t base) nogil
     void fg_q8_dequant(const int8_t* q, float* out, Py_ssize_t n, float scale) nogil
+    int fg_q8_encode(const float* v, float* r, int8_t* q, char* scales, Py_ssize_t n, Py_ssize_t block,
+                     uint32_t seed) nogil
     void fg_f2h_array(const float* v, float* r, uint16_t* h, Py_ssize_t n) nogil
     void fg_h2f_array(const uint16_t* h, float* out, Py_ssize_t n) nogil
 
@@ -238,29 +261,9 @@ def encode_q8(const float[::1] vec, float[::1] residual, Py_ssize_t block, uint3
     cdef int8_t* q = <int8_t*>(data + HEADER + 4 * nb)
     cdef const float* v = &vec[0]
     cdef float* r = &residual[0] if residual.shape[0] == n else NULL
-    cdef Py_ssize_t b, c0, width
-    cdef uint32_t m
-    cdef bint bad = False
-    cdef float scale, inv
+    cdef bint bad
     with nogil:
-        for b in range(nb):
-            c0 = b * block
-            width = min(block, n - c0)
-            m = fg_maxabs_bits(v + c0, r + c0 if r != NULL else NULL, width)
-            if m >= 0x7f800000u:
-                bad = True
-                break
-            if m < 0x00800000u:  # all zero or subnormal: send zeros
-                scale = 0.0
-                inv = 0.0
-            else:
-                scale = fg_u2f(m) / 127.0
-                if <double>scale * 127.0 > 3.4028234663852886e38:  # keep 127 * scale finite
-                    scale = nextafterf(scale, 0.0)
-                inv = 127.0 / fg_u2f(m)
-            memcpy(scales + 4 * b, &scale, 4)
-            fg_q8_block(v + c0, r + c0 if r != NULL else NULL, q + c0, width, scale, inv, seed,
-                        <uint32_t>c0)
+        bad = fg_q8_encode(v, r, q, scales, n, block, seed)
     if bad:
         return None
     _seal(out, data)
