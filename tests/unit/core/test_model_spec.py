@@ -123,3 +123,14 @@ def test_layer_views_share_memory_with_the_vector_and_are_read_only():
         w0[0, 0] = 1.0
     model.params = flat + 1
     assert w0[0, 0] == 1.0  # a view, not a copy
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import fedgate.core.model as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+
+    assert result.attempted >= 4
+    assert result.failed == 0

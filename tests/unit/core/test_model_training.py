@@ -312,3 +312,39 @@ def test_weighting_and_reference_inputs_are_validated():
         model.fit(X, y, prox_mu=0.1, reference=["x"] * model.n_params)
     with pytest.raises(ConfigError, match="finite values"):
         model.fit(X, y, prox_mu=0.1, reference=np.full(model.n_params, 1e300))
+
+
+def test_invscaling_counts_steps_across_calls():
+    X, y = blobs(n=64)
+    model = Model(ModelSpec("logistic", 4))
+    model.fit(X, y, batch_size=64, lr=0.4, lr_schedule="invscaling", shuffle=False)
+    before = model.params
+    probe = Model(ModelSpec("logistic", 4))
+    probe.params = before
+    probe.fit(X, y, batch_size=64, lr=0.4 / 2**0.25, shuffle=False)
+
+    model.fit(X, y, batch_size=64, lr=0.4, lr_schedule="invscaling", shuffle=False)
+
+    assert model.steps == 2
+    np.testing.assert_allclose(model.params, probe.params, rtol=1e-6, atol=1e-7)
+
+
+def test_models_train_in_parallel_threads_like_in_sequence():
+    import threading
+
+    X, y = blobs(n=20_000)
+    spec = ModelSpec("mlp", 4, hidden=(8,))
+    sequential = [Model(spec, seed=s) for s in range(2)]
+    for m in sequential:
+        m.fit(X, y, epochs=2, lr=0.05)
+    parallel = [Model(spec, seed=s) for s in range(2)]
+    threads = [threading.Thread(target=m.fit, args=(X, y), kwargs={"epochs": 2, "lr": 0.05}) for m in parallel]
+
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    assert not any(t.is_alive() for t in threads)
+    for a, b in zip(sequential, parallel):
+        np.testing.assert_array_equal(a.params, b.params)
