@@ -42,9 +42,10 @@ from fedgate.core.errors import AggregationError
 
 try:
     from fedgate.core import _aggregate as _k
+    from fedgate.core import _order as _o
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
-        "fedgate.core._aggregate is not compiled; run "
+        "fedgate.core._aggregate / _order are not compiled; run "
         "`python setup.py build_ext --inplace` (or `pip install -e .`) in the source tree"
     ) from exc
 
@@ -353,10 +354,10 @@ def _order_reduce(arr: FloatArray, mode: int, lo: int, hi: int) -> FloatArray:
         bad = _k.first_nonfinite(arr[0]) >= 0
         out[:] = arr[0]
     elif n <= _NETWORK_MAX_N[mode]:
-        bad = _k.network_reduce(arr, _network(n, lo, hi, mode == 1), mode, lo, hi, out)
+        bad = _o.network_reduce(arr, _network(n, lo, hi, mode == 1), mode, lo, hi, out)
     else:
         ns = min(128, 1 << (n.bit_length() - 1))  # sampled rows that pick the first pivots
-        bad = _k.count_select_reduce(arr, _network(ns, 0, ns - 1, False), mode, lo, hi, out)
+        bad = _o.count_select_reduce(arr, _network(ns, 0, ns - 1, False), mode, lo, hi, out)
     if bad:
         _stack(arr)  # raises, naming the update and index
         raise AggregationError("stack has a non-finite value")  # pragma: no cover
