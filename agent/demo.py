@@ -176,12 +176,41 @@ class Demo:
             doc = agent_config(s, data_dir=d / "data", server=f"tcp://127.0.0.1:{self.server_port}",
                                server_key=keys / "server.key", secret_key=keys / f"{s.name}.key_secret",
                                plant=self.plants[s.name], timing=self.timing)
-            path = d / "agent.toml"
-            path.write_text(dump_toml(doc, _HEADER))
-            self.sup.spawn(f"agent-{s.name}", command("fedgate-agent") + ["run", "--config", str(path)],
+            (d / "agent.toml").write_text(dump_toml(doc, _HEADER))
+        self.check_devices()
+        for s in self.sites:
+            self.sup.spawn(f"agent-{s.name}",
+                           command("fedgate-agent") + ["run", "--config", str(self.site_dir(s) / "agent.toml")],
                            self.dir / "logs" / f"agent-{s.name}.log")
         _out(f"agents: fedgate-agent run --config {self.dir}/sites/<site>/agent.toml (x{len(self.sites)}), "
              "sampling and storing; the server is not up yet")
+
+    def check_devices(self) -> None:
+        """Commission every site as an engineer would: ``fedgate-agent check`` reads each tag once."""
+        for s in self.sites:
+            self.sup.spawn(f"check-{s.name}",
+                           command("fedgate-agent") + ["check", "--config", str(self.site_dir(s) / "agent.toml"),
+                                                       "--json"],
+                           self.dir / "logs" / f"check-{s.name}.log", stdout_path=self.site_dir(s) / "check.json")
+        for s in self.sites:
+            child = self.sup.children[f"check-{s.name}"]
+            code = child.proc.wait(timeout=60)
+            try:
+                report = json.loads((self.site_dir(s) / "check.json").read_text())
+            except (OSError, ValueError):
+                raise ChildDied(f"fedgate-agent check for {s.name} failed (exit {code}):\n{child.tail()}") from None
+            tags = {f"{t['device']}.{t['tag']}": t for t in report.get("tags", [])}
+            good = sum(1 for t in tags.values() if t.get("quality") == "good")
+            plans = ", ".join(f"{p['device']} {p['requests_per_cycle']} request(s) per cycle"
+                              for p in report.get("plan", []))
+            shown = []
+            for key, unit_fmt in (("vibration", ".2f"), ("temperature", ".1f")):
+                t = tags.get(s.tag_of(key))
+                if t and isinstance(t.get("value"), (int, float)):
+                    shown.append(f"{key} {format(t['value'], unit_fmt)} {t.get('unit', '')}".rstrip())
+            _out(f"check {s.name}: {good}/{len(tags)} tags read good ({plans}); " + ", ".join(shown))
+            if not report.get("ok"):
+                raise ChildDied(f"fedgate-agent check for {s.name} failed: " + "; ".join(report.get("failures", [])))
 
     def _agent_names(self) -> list[str]:
         return [f"agent-{s.name}" for s in self.sites]
@@ -350,7 +379,7 @@ class Demo:
         codes = self.sup.stop_all(order=[self._agent_names(), ["server"]])
         self.result["exit_codes"] = codes
         self.result["pids"] = self.sup.pids()
-        bad = {k: v for k, v in codes.items() if v not in (0, None) and not k.startswith("keygen")}
+        bad = {k: v for k, v in codes.items() if v not in (0, None) and not k.startswith(("keygen", "check"))}
         _out(f"stopped {len(codes)} processes (SIGTERM): "
              + ("all exited cleanly" if not bad else f"unclean exits {bad}"))
 
@@ -445,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _out(f"\ninterrupted ({str(exc) or 'SIGINT'}): stopping every process")
         demo.result["error"] = "interrupted"
         code = 130
-    except (ChildDied, TimeoutError, OSError, ValueError, FedgateError) as exc:
+    except (ChildDied, TimeoutError, OSError, ValueError, ImportError, FedgateError) as exc:
         demo.keep = True  # the logs explain what went wrong
         _out(f"\nfedgate-demo failed: {exc}\n(keys, configs, logs and databases kept in {demo.dir})")
         demo.result["error"] = str(exc)

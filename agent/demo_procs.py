@@ -133,8 +133,11 @@ class Supervisor:
         self._logs: list[IO[bytes]] = []
 
     def spawn(self, name: str, argv: Sequence[str], log_path: Path | None, *,
-              env: dict[str, str] | None = None) -> Child:
-        """Start ``argv`` in its own process group, output to ``log_path`` (or discarded)."""
+              env: dict[str, str] | None = None, stdout_path: Path | None = None) -> Child:
+        """Start ``argv`` in its own process group, output to ``log_path`` (or discarded).
+
+        With ``stdout_path`` the standard output goes there and only stderr to the log.
+        """
         if name in self.children:
             raise ValueError(f"a process named {name!r} was already started")
         out: IO[bytes] | int = subprocess.DEVNULL
@@ -142,9 +145,14 @@ class Supervisor:
             fh = open(log_path, "ab")  # noqa: SIM115 - closed in stop_all
             self._logs.append(fh)
             out = fh
+        err: IO[bytes] | int = subprocess.STDOUT if out is not subprocess.DEVNULL else subprocess.DEVNULL
+        if stdout_path is not None:
+            err = out
+            out = open(stdout_path, "wb")  # noqa: SIM115 - closed in stop_all
+            self._logs.append(out)
         full_env = dict(os.environ)
         full_env.update(env or {})
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 start_new_session=True, preexec_fn=_child_setup, env=full_env,
                                 close_fds=True)
         child = Child(name, list(argv), proc, log_path, time.monotonic())

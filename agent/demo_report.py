@@ -31,7 +31,6 @@ from fedgate.agent.demo_setup import SIGNAL_OF, Site
 from fedgate.agent.evaluation import f1_score, roc_auc
 from fedgate.agent.sampler import Sampler
 from fedgate.agent.store import Store
-from fedgate.core.aggregate import stats_to_scaler
 from fedgate.core.model import Model, ModelSpec
 from fedgate.drivers.sim.plant import PROFILES, Plant
 
@@ -158,11 +157,12 @@ def load_site(db_path: Path, features: Sequence[str]) -> SiteData:
 
 # ------------------------------------------------------------------------ models
 def _scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = x.shape[0]
+    """Mean and standard deviation per feature, as the federation's statistics round computes
+    them (population std; a constant feature gets std 1 so it scales to 0)."""
     mean = x.mean(axis=0)
-    m2 = ((x - mean) ** 2).sum(axis=0)
-    mu, std = stats_to_scaler(n, mean, m2)
-    return mu.astype(np.float64), std.astype(np.float64)
+    std = x.std(axis=0)
+    std[std < 1e-8] = 1.0
+    return mean, std
 
 
 @dataclass
