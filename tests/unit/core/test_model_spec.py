@@ -5,9 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedgate.core import ConfigError, Model, ModelKind, ModelSpec
-from fedgate.core.model import Activation, Loss
+from fedgate.core.model import MAX_PARAMS, Activation, Loss
 
 SPECS = [
     ModelSpec("linear", 5),
@@ -134,3 +136,35 @@ def test_docstring_examples_run():
 
     assert result.attempted >= 4
     assert result.failed == 0
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70_000) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_field_values = {
+    "kind": st.sampled_from([k.value for k in ModelKind]) | _json_values,
+    "n_features": st.integers(-2, 70_000) | _json_values,
+    "n_outputs": st.integers(-2, 5_000) | _json_values,
+    "hidden": st.lists(st.integers(-1, 5_000), max_size=3) | _json_values,
+    "activation": st.sampled_from(["relu", "tanh"]) | _json_values,
+    "loss": st.sampled_from(["squared", "huber", "log", None]) | _json_values,
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries({}, optional=_field_values),
+    st.dictionaries(st.text(min_size=1, max_size=6), _json_values, max_size=1),
+)
+def test_from_dict_on_hostile_input_returns_a_valid_spec_or_a_config_error(data, extra):
+    if extra and not set(extra) & set(_field_values):
+        data = {**data, **extra}
+    try:
+        spec = ModelSpec.from_dict(data)
+    except ConfigError as exc:
+        assert exc.key or "unknown model field" in str(exc)
+        return
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    assert 1 <= spec.n_params <= MAX_PARAMS
