@@ -238,11 +238,14 @@ def run_once(tmp: Path, *, n_rows: int, poll_s: float, ready_repeats: int) -> di
         cfg = agent_toml(tmp, port, server_port)
         prefill(tmp, n_rows)
         agent = Agent(tmp, cfg)
-        ready = []
-        for _ in range(ready_repeats):
+        ready, base_ready, base_rss = [], [], []
+        for i in range(ready_repeats + 1):  # interleaved with the baseline, so both see the same load
+            b_s, b_kib = baseline_import()
+            base_ready.append(b_s)
+            base_rss.append(b_kib)
             ready.append(agent.start())
-            agent.stop()
-        ready.append(agent.start())
+            if i < ready_repeats:
+                agent.stop()
         assert agent.proc is not None
         time.sleep(3.0)  # devices connected, windows flowing
         cpu = cpu_share(agent.proc.pid, poll_s)
@@ -255,7 +258,8 @@ def run_once(tmp: Path, *, n_rows: int, poll_s: float, ready_repeats: int) -> di
         hwm = _vm_hwm_kib(agent.proc.pid)
         base_cpu = baseline_polling_cpu(port, poll_s)
         return {"ready_s": statistics.median(ready), "cpu_share": cpu, "rss_polling_kib": rss_polling,
-                "peak_rss_kib": hwm, "round_s": round_s, "baseline_cpu_share": base_cpu}
+                "peak_rss_kib": hwm, "round_s": round_s, "baseline_cpu_share": base_cpu,
+                "baseline_ready_s": statistics.median(base_ready), "baseline_rss_kib": statistics.median(base_rss)}
     finally:
         if agent is not None:
             agent.close()
@@ -276,13 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 1 if args.quick else args.repeats
     poll_s = 5.0 if args.quick else 15.0
     runs = []
-    base = [baseline_import() for _ in range(5)]
     for i in range(repeats):
         with tempfile.TemporaryDirectory(prefix="fedgate-bench-agent-") as d:
             runs.append(run_once(Path(d), n_rows=args.rows, poll_s=poll_s, ready_repeats=2 if args.quick else 4))
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    b_ready = statistics.median(b[0] for b in base)
-    b_rss = statistics.median(b[1] for b in base)
+    b_ready = med["baseline_ready_s"]
+    b_rss = med["baseline_rss_kib"]
     rows = [
         ("exec -> READY (s)", med["ready_s"], b_ready, "exec -> exit of the bare import", "<= 0.5"),
         ("polling CPU (share of a core)", med["cpu_share"], med["baseline_cpu_share"],
