@@ -379,8 +379,9 @@ class Demo:
         codes = self.sup.stop_all(order=[self._agent_names(), ["server"]])
         self.result["exit_codes"] = codes
         self.result["pids"] = self.sup.pids()
-        bad = {k: v for k, v in codes.items() if v not in (0, None) and not k.startswith(("keygen", "check"))}
-        _out(f"stopped {len(codes)} processes (SIGTERM): "
+        daemons = {k: v for k, v in codes.items() if not k.startswith(("keygen", "check"))}
+        bad = {k: v for k, v in daemons.items() if v not in (0, None)}
+        _out(f"stopped {len(daemons)} daemons (SIGTERM): "
              + ("all exited cleanly" if not bad else f"unclean exits {bad}"))
 
     def report(self) -> None:
