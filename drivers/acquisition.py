@@ -210,6 +210,7 @@ class Acquisition:
         values: list[TagValue] = []
         link_failures = 0
         connects_before = link.connects
+        t0 = time.perf_counter()
         unreachable = False
         for req in plan.requests:
             if unreachable:  # the link could not be opened this cycle: do not knock again
@@ -238,6 +239,7 @@ class Acquisition:
             st.requests += 1
             values += self._decode(dev, req, regs, time.time())
         st.cycles += 1
+        st.last_cycle_ms = (time.perf_counter() - t0) * 1e3
         if link.connects > connects_before and connects_before > 0:
             st.reconnects += link.connects - connects_before
         failed = bool(plan.requests) and link_failures == len(plan.requests)

@@ -427,7 +427,13 @@ def _load_line_device(body: Mapping[str, Any], raw_tags: list[Any], file: str, k
 
 def _check_shared_units(devices: list[ModbusDeviceConfig | LineDeviceConfig], file: str) -> None:
     seen: dict[tuple[str, int], str] = {}
+    terminators: dict[str, tuple[str, str]] = {}
     for i, dev in enumerate(devices):
+        if isinstance(dev, LineDeviceConfig):
+            first = terminators.setdefault(dev.transport, (dev.terminator, dev.name))
+            if first[0] != dev.terminator:
+                raise ConfigError(f"devices on one serial line share its terminator ({first[0]!r} of device "
+                                  f"{first[1]!r})", file=file, key=f"devices[{i}].terminator", value=dev.terminator)
         if isinstance(dev, ModbusDeviceConfig):
             k = (dev.transport, dev.unit_id)
             if k in seen:

@@ -66,6 +66,7 @@ class DeviceStatus:
     last_error: str = ""
     last_ok_ts: float | None = None
     next_attempt_s: float = 0.0
+    last_cycle_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +81,7 @@ class DeviceStatus:
             "last_error": self.last_error,
             "last_ok_ts": self.last_ok_ts,
             "backoff_s": self.next_attempt_s if self.state == "down" else 0.0,
+            "last_cycle_ms": self.last_cycle_ms,
         }
 
 

@@ -107,6 +107,7 @@ def test_poll_loop_publishes_scaled_values_and_stays_up():
     assert latest["m1.hot"].quality is Quality.BAD_RANGE
     assert status["m1"]["state"] == "up" and status["m1"]["requests"] >= 3
     assert sum(status["m1"]["errors"].values()) == 0
+    assert status["m1"]["last_cycle_ms"] > 0 and status["m1"]["backoff_s"] == 0.0
 
 
 def test_a_failed_request_only_affects_its_own_tags():

@@ -146,3 +146,10 @@ def test_serial_request_must_be_ascii():
     doc = _doc()
     doc["devices"][2]["request"] = "gewicht\u00e4\r\n"
     assert "devices[2].request = 'gewichtä\\r\\n': must be ASCII" in _error(doc)
+
+
+def test_devices_on_one_serial_line_share_the_terminator():
+    doc = _doc()
+    doc["devices"].append({"name": "nav2", "transport": "gps", "format": "kv", "terminator": "\r",
+                           "tags": [{"name": "x", "key": "x"}]})
+    assert "devices[3].terminator = '\\r': devices on one serial line share its terminator" in _error(doc)
