@@ -18,6 +18,7 @@ entry (``devices[1].tags[3] "spindle_temp"``) and the value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -236,7 +237,7 @@ def load_config(doc: Mapping[str, Any], *, file: str) -> DriversConfig:
         if not isinstance(raw, Mapping):
             raise ConfigError("expected a table", file=file, key=key, value=raw)
         tname = raw.get("transport")
-        if tname not in by_name:
+        if not isinstance(tname, str) or tname not in by_name:
             raise ConfigError(f"unknown transport (configured: {', '.join(by_name) or 'none'})",
                               file=file, key=f"{key}.transport", value=tname)
         body = {k: v for k, v in raw.items() if k != "tags"}
@@ -304,6 +305,7 @@ def _load_modbus_device(body: Mapping[str, Any], raw_tags: list[Any], file: str,
         _check_name(tag.name, file, f"{tkey}.name")
         if any(o.name == tag.name for o in tags):
             raise ConfigError("duplicate tag name in this device", file=file, key=f"{tkey}.name", value=tag.name)
+        _check_finite(tag, file, tkey)
         wire = _check_modbus_tag(dev, tag, file, tkey)
         object.__setattr__(tag, "wire_address", wire)
         count = register_count(tag.type, tag.length)
@@ -315,6 +317,13 @@ def _load_modbus_device(body: Mapping[str, Any], raw_tags: list[Any], file: str,
         spans.setdefault(tag.register, []).append((wire, wire + count, mask, tkey, tag.name))
         tags.append(tag)
     return dataclasses.replace(dev, tags=tuple(tags))
+
+
+def _check_finite(tag: ModbusTagConfig | LineTagConfig, file: str, tkey: str) -> None:
+    for name in ("scale", "offset", "min", "max"):
+        value = getattr(tag, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError("must be a finite number", file=file, key=f"{tkey}.{name}", value=value)
 
 
 def _bit_mask(tag: ModbusTagConfig) -> int:
@@ -402,6 +411,7 @@ def _load_line_device(body: Mapping[str, Any], raw_tags: list[Any], file: str, k
         _check_name(tag.name, file, f"{tkey}.name")
         if any(o.name == tag.name for o in tags):
             raise ConfigError("duplicate tag name in this device", file=file, key=f"{tkey}.name", value=tag.name)
+        _check_finite(tag, file, tkey)
         for sel in selectors:
             present = getattr(tag, sel) is not None
             if sel in needs and not present:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedgate.core.errors import ConfigError
 from fedgate.drivers import LineDeviceConfig, ModbusDeviceConfig, TransportKind, load_config
@@ -153,3 +155,35 @@ def test_devices_on_one_serial_line_share_the_terminator():
     doc["devices"].append({"name": "nav2", "transport": "gps", "format": "kv", "terminator": "\r",
                            "tags": [{"name": "x", "key": "x"}]})
     assert "devices[3].terminator = '\\r': devices on one serial line share its terminator" in _error(doc)
+
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-70000, 70000), st.floats(allow_nan=True),
+                 st.text(max_size=8), st.sampled_from(["holding", "coil", "input", "discrete", "float32", "bit",
+                                                      "string", "ABCD", "CDAB", "int8l", "nmea", "kv"]),
+                 st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_TAG_KEYS = ["name", "register", "address", "type", "bit", "length", "byte_order", "scale", "offset", "unit",
+             "min", "max", "writable", "sentence", "field", "key", "column", "group", "bogus"]
+_DEV_KEYS = ["name", "transport", "unit_id", "poll", "byte_order", "address_base", "max_gap",
+             "max_registers_per_request", "format", "pattern", "terminator", "stale_after", "tags"]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(device=st.dictionaries(st.sampled_from(_DEV_KEYS), _ANY, max_size=5),
+       tag=st.dictionaries(st.sampled_from(_TAG_KEYS), _ANY, max_size=6),
+       line=st.booleans())
+def test_any_malformed_entry_is_a_config_error(device, tag, line):
+    doc = _doc()
+    target = doc["devices"][2 if line else 0]
+    target["tags"][0].update(tag)
+    target.update({k: v for k, v in device.items() if k != "tags"})
+    try:
+        load_config(doc, file="agent.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("agent.toml: ")
+
+
+@pytest.mark.parametrize("key", ["scale", "offset", "min", "max"])
+def test_non_finite_numbers_are_refused(key):
+    doc = _doc()
+    doc["devices"][0]["tags"][0][key] = float("inf")
+    assert f'devices[0].tags[0] "oil_temp".{key} = inf: must be a finite number' in _error(doc)

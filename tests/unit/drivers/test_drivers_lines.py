@@ -58,7 +58,7 @@ def test_kv_csv_regex_values_and_errors():
         LineParser(RX).parse("nothing", 0.0)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(chunks=st.lists(st.binary(max_size=120), max_size=20))
 def test_arbitrary_bytes_never_break_the_reader(chunks):
     s = LineSplitter(b"\n", 64)
