@@ -1,5 +1,19 @@
 """Acquisition: one poll loop per device, values with quality, write-back.
 
+Behaviour, per Modbus device (serial line devices: see :mod:`fedgate.drivers.serial_line`):
+
+- each cycle runs the device's request plan (:mod:`fedgate.drivers.plan`) in order on
+  the transport's :class:`~fedgate.drivers.modbus.ModbusLink`; every value carries the
+  time its reply arrived, its quality and its raw registers;
+- a failed request gives ``error`` values for the tags it carries and nothing else;
+- when every request of a cycle timed out or the link is down, the device is
+  ``down`` and is tried again after an exponential backoff with jitter
+  (``reconnect_delay`` .. ``reconnect_delay_max`` of its transport), so a device that
+  comes back is polled again within one backoff step; otherwise it is ``up`` and
+  polled every ``poll``;
+- :meth:`Acquisition.latest` reports a good value older than the device's stale
+  bound as ``stale``.
+
 >>> from fedgate.drivers.config import load_config
 >>> doc = {"transports": [{"name": "plc", "kind": "modbus-tcp", "host": "127.0.0.1", "port": 5020}],
 ...        "devices": [{"name": "m1", "transport": "plc", "tags": [
