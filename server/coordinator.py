@@ -36,7 +36,7 @@ from fedgate.server.metrics import ServerMetrics
 from fedgate.server.privacy import PrivacyAccountant, add_noise, clip_update
 from fedgate.server.registry import Registry
 from fedgate.server.spec import FederationModel
-from fedgate.server.store import Checkpoint, CheckpointStore, History, TaskRow
+from fedgate.server.store import Checkpoint, CheckpointStore, CheckpointWriter, History, TaskRow
 from fedgate.server.strategies import make_strategy
 from fedgate.server.validate import Rejected, UpdateValidator
 
@@ -101,6 +101,8 @@ class Coordinator:
         self.eval_seen: set[str] = set()
         self.eval_rows: list[tuple[str, int, str, int, dict[str, float]]] = []
         self.fatal: StoreError | None = None
+        self.writer = CheckpointWriter(checkpoints)
+        self._announce: OpenRound | None = None    # committed in memory, checkpoint being written
         self._dp_scratch: np.ndarray | None = None
         self._accepted = {kind: metrics.accepted.labels(kind.value) for kind in TaskKind}
         self._restore()
@@ -159,7 +161,7 @@ class Coordinator:
             return rnd, None
         return rnd, TaskKind.TRAIN
 
-    def _checkpoint(self, phase: str) -> None:
+    def _make_checkpoint(self, phase: str) -> Checkpoint:
         arrays: dict[str, np.ndarray] = {"params": self.params}
         if self.scaler is not None:
             arrays["scaler_mean"], arrays["scaler_std"] = self.scaler
@@ -167,10 +169,8 @@ class Coordinator:
             arrays[f"strategy.{name}"] = vec
         meta = {"federation": self.fed.name, "spec": self.model.spec, "features": list(self.fed.features),
                 "label": self.fed.label, "n_params": self.model.n_params, "strategy": self.strategy.name,
-                "privacy_rates": self.accountant.rates}
-        self.checkpoints.save(Checkpoint(round=max(self.committed, 0), phase=phase, arrays=arrays, meta=meta,
-                                         created=time.time()))
-        self.metrics.last_checkpoint.set(time.time())
+                "privacy_rates": list(self.accountant.rates)}
+        return Checkpoint(round=max(self.committed, 0), phase=phase, arrays=arrays, meta=meta, created=time.time())
 
     def _encode_model(self) -> None:
         """Encode the global model once; the same frames go to every agent."""
@@ -361,6 +361,7 @@ class Coordinator:
     # ================================================================ the clock
     def tick(self) -> None:
         """Deadlines, dead agents, starting rounds; call often (every loop turn)."""
+        self._finish_commit(block=False)
         now = self.clock()
         for name in self.registry.expire(now, self.cfg.server.dead_after_s):
             self.metrics.dead_agents.inc()
@@ -452,6 +453,9 @@ class Coordinator:
         ``committed``, which is only sent once the checkpoint is on disk. A crash in
         between restarts from the previous checkpoint and reopens this round.
         """
+        self._finish_commit(block=True)
+        if self.fatal is not None:
+            return
         op = self.open
         assert op is not None
         if op.accepted < self.fed.min_agents:
@@ -472,18 +476,41 @@ class Coordinator:
             return
         self.open = None
         self._encode_model()
+        self._announce = op
+        self.writer.submit(self._make_checkpoint(phase))
         self._maybe_start(self.clock())
+
+    def _finish_commit(self, block: bool) -> None:
+        """Announce the committed round once its checkpoint is on disk (``block``: wait for it)."""
+        op = self._announce
+        if op is None or (not block and not self.writer.done()):
+            return
+        self._announce = None
         try:
-            self._checkpoint(phase)
+            self.writer.wait()
         except StoreError as exc:
             # cannot persist the round: stop rather than run on; a restart resumes this round
             log.critical("%s round %d cannot be committed to disk: %s", op.kind.value, op.round, exc)
             self.fatal = exc
             return
+        self.metrics.last_checkpoint.set(time.time())
         self.metrics.rounds.labels(op.kind.value).inc()
         self.metrics.round_duration.observe(self.clock() - op.started)
-        self.metrics.current_round.set(max(self.committed, 0))
+        self.metrics.current_round.set(op.round)
         self._broadcast(op)
+
+    @property
+    def committing(self) -> bool:
+        """A commit waits for its checkpoint (the loop should poll briefly)."""
+        return self._announce is not None
+
+    def close(self) -> None:
+        """Finish (and announce) a checkpoint being written; called when the daemon stops."""
+        self._finish_commit(block=True)
+        try:
+            self.writer.wait()
+        except StoreError as exc:
+            log.error("last checkpoint not written: %s", exc)
 
     def _record(self, op: OpenRound, epsilon: float | None) -> None:
         h = self.history

@@ -141,7 +141,7 @@ class Server:
         try:
             while not self._stop.is_set():
                 op = self.coordinator.open
-                wait = 0.1
+                wait = 0.002 if self.coordinator.committing else 0.1
                 if op is not None:
                     wait = min(wait, max(0.0, op.deadline - self.coordinator.clock()))
                 for m in self.transport.poll(wait):
@@ -150,7 +150,7 @@ class Server:
                     except FedgateError as exc:
                         log.error("message from %s not handled: %s", m.user_id or m.routing_id.hex(), exc)
                 now = time.monotonic()
-                if now >= next_tick or self.coordinator.open is None:
+                if now >= next_tick or self.coordinator.open is None or self.coordinator.committing:
                     try:
                         self.coordinator.tick()
                     except FedgateError as exc:
@@ -167,6 +167,7 @@ class Server:
                     next_ping = now + watchdog_s
         finally:
             systemd.stopping()
+            self.coordinator.close()
             log.info("stopping (last committed round %d)", self.coordinator.committed)
 
     def _count_bytes(self) -> None:

@@ -30,6 +30,7 @@ import os
 import re
 import sqlite3
 import struct
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ import numpy as np
 
 from fedgate.core.errors import StoreError
 
-__all__ = ["Checkpoint", "CheckpointStore", "History", "TaskRow", "read_checkpoint", "write_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointStore", "CheckpointWriter", "History", "TaskRow", "read_checkpoint",
+           "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,47 @@ class CheckpointStore:
                 self.fallbacks += 1
                 log.error("checkpoint %s is unusable, trying the previous one: %s", path, exc)
         return None, None
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a worker thread, one at a time and in order.
+
+    The round loop hands over a checkpoint and goes on serving while the file is
+    written and fsynced; :meth:`done` says when it is on disk (then the commit may be
+    announced), :meth:`wait` blocks until then and re-raises a write failure. The arrays
+    of a submitted checkpoint must not change until it is done.
+    """
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+        self._thread: threading.Thread | None = None
+        self._error: StoreError | None = None
+
+    def submit(self, ckpt: Checkpoint) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(ckpt,), name="fedgate-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _write(self, ckpt: Checkpoint) -> None:
+        try:
+            self.store.save(ckpt)
+        except StoreError as exc:
+            self._error = exc
+        except Exception as exc:  # noqa: BLE001 - reported to the round loop as a StoreError
+            self._error = StoreError(f"{self.store.dir}: checkpoint failed: {exc!r}")
+
+    def done(self) -> bool:
+        """True when nothing is being written."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the pending checkpoint is written; raise :class:`StoreError` if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 @dataclass(frozen=True)

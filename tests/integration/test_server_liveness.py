@@ -112,7 +112,7 @@ def test_dp_rounds_report_epsilon(insecure, tmp_path):
         g = global_params(ta)
         a.train_result(ta, g + 10)  # far beyond the clip norm: clipped, not rejected
         b.train_result(tb, g - 10)
-        assert a.expect(MsgType.COMMITTED, skip=(MsgType.ACK, MsgType.MODEL)).fields["round"] == rnd
+        a.committed(rnd)
     eps = srv.metric("fedgate_server_privacy_epsilon")
     assert eps > 0
     h = History(tmp_path / "data" / "history.db", readonly=True)
@@ -141,7 +141,7 @@ def test_byzantine_agent_does_not_move_robust_server(tmp_path, strategy):
             honest = [g + step + rng.normal(scale=0.01, size=g.size).astype(np.float32) for _ in range(4)]
             for x, t, u in zip(agents, tasks, honest + [g - 40 * step]):  # gw-4 sign-flips and scales
                 x.train_result(t, u)
-            agents[0].expect(MsgType.COMMITTED, skip=(MsgType.ACK, MsgType.MODEL))
+            agents[0].committed(rnd)
             clean = np.mean(honest, axis=0)
             assert np.linalg.norm(srv.coordinator.params - clean) < 0.1 * np.linalg.norm(step)
     finally:

@@ -179,6 +179,14 @@ class Agent:
             if msg.type not in skip:
                 raise AssertionError(f"{self.name}: expected {msg_type.value}, got {msg.type.value} {msg.fields}")
 
+    def committed(self, rnd: int, timeout_s: float = 20.0) -> Message:
+        """Wait for ``committed`` of round ``rnd`` (earlier rounds' announcements may come late)."""
+        while True:
+            msg = self.expect(MsgType.COMMITTED, timeout_s, skip=(MsgType.HEARTBEAT, MsgType.MODEL, MsgType.ACK))
+            if msg.fields["round"] >= rnd:
+                assert msg.fields["round"] == rnd, f"{self.name}: committed {msg.fields['round']}, expected {rnd}"
+                return msg
+
     def silent(self, timeout_s: float = 0.5) -> bool:
         return not self.sock.poll(int(timeout_s * 1000))
 
