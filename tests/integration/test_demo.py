@@ -134,3 +134,32 @@ def test_interrupt_stops_every_process(tmp_path: Path) -> None:
     assert result["error"] == "interrupted"
     assert {"agent-site-a", "agent-site-b", "plant-site-a", "plant-site-b"} <= set(result["pids"])
     assert leftovers(workdir, result["pids"]) == []
+
+
+def test_a_daemon_dying_fails_the_demo_cleanly(tmp_path: Path) -> None:
+    workdir, report = tmp_path / "work", tmp_path / "demo.json"
+    proc = subprocess.Popen(
+        demo_command("--agents", "2", "--rounds", "3", "--warmup", "60", "--workdir", str(workdir),
+                     "--json", str(report)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        db = workdir / "sites" / "site-b" / "data" / "agent.db"
+        deadline = time.monotonic() + 60
+        while not db.exists():
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the demo's agents did not start"
+            time.sleep(0.2)
+        victim = next(p for p in psutil.process_iter(["pid", "cmdline"])
+                      if any("site-b/agent.toml" in part for part in (p.info["cmdline"] or []))
+                      and "run" in (p.info["cmdline"] or []))
+        victim.kill()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out
+    assert "agent-site-b exited" in out
+    result = json.loads(report.read_text())
+    assert "agent-site-b" in result["error"]
+    assert leftovers(workdir, result["pids"]) == []
