@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install build
-	$(BIN)/fedgate-demo
+	$(BIN)/fedgate-demo $(DEMO_ARGS)
 
 bench: install build
 	$(BIN)/python benchmarks/bench_sgd.py
