@@ -30,6 +30,7 @@ chunk so nearly equal updates far from zero keep their distances.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from enum import Enum
 from functools import lru_cache
@@ -69,7 +70,8 @@ __all__ = [
 ]
 
 FloatArray = npt.NDArray[np.floating[Any]]
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_FLOATS = (_F32, _F64)
 # Above this many updates, coordinate-wise rules switch from a sorting network (cost
 # ~ n log^2 n per coordinate, fully vectorised) to counting passes (~ n per pass).
 _NETWORK_MAX_N = {0: 256, 1: 512}  # by mode: 0 median, 1 trimmed mean (measured crossovers)
@@ -196,12 +198,13 @@ class StreamingMean:
     (2, 15.0, [2.0, 0.6666666865348816])
     """
 
-    __slots__ = ("_acc", "_count", "_dim", "_total")
+    __slots__ = ("_acc", "_count", "_dim", "_shape", "_total")
 
     def __init__(self, dim: int) -> None:
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim <= 0:
             raise AggregationError(f"dim = {dim!r}: must be a positive int")
         self._dim = int(dim)
+        self._shape = (self._dim,)
         self._acc = np.zeros(self._dim, dtype=np.float64)
         self._count = 0
         self._total = 0.0
@@ -230,9 +233,17 @@ class StreamingMean:
             Refuse NaN/Inf (default). Pass False only if the caller checked already.
         """
         w = float(weight)
-        if not (np.isfinite(w) and w > 0):
+        if not (math.isfinite(w) and w > 0):
             raise AggregationError(f"weight = {weight!r}: must be finite and > 0")
-        arr = _vector(vec, "update", self._dim)
+        if (
+            type(vec) is np.ndarray
+            and vec.shape == self._shape
+            and (vec.dtype is _F32 or vec.dtype is _F64)
+            and vec.strides[0] == vec.itemsize
+        ):
+            arr = vec  # the common case, checked cheaply: this runs once per client update
+        else:
+            arr = _vector(vec, "update", self._dim)
         if check_finite:
             j = _k.first_nonfinite(arr)
             if j >= 0:
