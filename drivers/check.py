@@ -39,11 +39,16 @@ class CheckRow:
 
 @dataclass
 class CheckReport:
-    """Result of :func:`check`: rows, plans, failures (one line each)."""
+    """Result of :func:`check`: rows, plans, failures and warnings (one line each).
+
+    A tag that could not be read is a failure; a value read outside its min/max is
+    a warning (it was read, but look at it).
+    """
 
     rows: list[CheckRow] = field(default_factory=list)
     plans: list[DevicePlan] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -59,6 +64,7 @@ class CheckReport:
             ],
             "plan": [p.to_dict() for p in self.plans],
             "failures": list(self.failures),
+            "warnings": list(self.warnings),
         }
 
 
@@ -111,7 +117,7 @@ async def check(cfg: DriversConfig, *, line_wait_s: float | None = None) -> Chec
             if tv.quality is Quality.ERROR:
                 report.failures.append(f"{name}: {errors.get(dev.name, 'read failed')}")
             elif tv.quality is Quality.BAD_RANGE:
-                report.failures.append(f"{name}: value {tv.value!r} outside min/max")
+                report.warnings.append(f"{name}: value {tv.value!r} outside min/max")
     return report
 
 
@@ -134,6 +140,8 @@ def format_report(report: CheckReport) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     if report.plans:
         lines += ["", "request plan:", format_plan(report.plans)]
+    if report.warnings:
+        lines += ["", f"{len(report.warnings)} warning(s):"] + [f"  {w}" for w in report.warnings]
     if report.failures:
         lines += ["", f"{len(report.failures)} failure(s):"] + [f"  {f}" for f in report.failures]
     else:

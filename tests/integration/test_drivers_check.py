@@ -14,7 +14,7 @@ from fedgate.drivers.sim import open_pty_writer
 CHECK = "import sys; from fedgate.drivers.check import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _toml(port: int, far_address: int = 7, serial: str | None = None) -> str:
+def _toml(port: int, far_address: int = 7, serial: str | None = None, temp_max: float = 100.0) -> str:
     text = f"""
 [agent]
 node_id = "gw-test"
@@ -39,6 +39,7 @@ max_gap = 4
   type = "int16"
   scale = 0.1
   unit = "degC"
+  max = {temp_max}
 
   [[devices.tags]]
   name = "pressure"
@@ -88,9 +89,11 @@ def test_check_prints_table_and_plan_and_exits_zero(tmp_path):
             path.write_text(_toml(peer.port))
             table = await _run_check(path)
             as_json = await _run_check(path, "--json")
-            return table, as_json
+            path.write_text(_toml(peer.port, temp_max=20.0))
+            warned = await _run_check(path)
+            return table, as_json, warned
 
-    (rc, out), (rc_json, out_json) = run(main())
+    (rc, out), (rc_json, out_json), (rc_warned, out_warned) = run(main())
     assert rc == 0, out
     assert "press   oil_temp  21.5   degC  good     215" in out
     assert "press: 2 request(s) per cycle" in out and "all tags read" in out
@@ -98,6 +101,9 @@ def test_check_prints_table_and_plan_and_exits_zero(tmp_path):
     assert rc_json == 0 and doc["ok"] is True
     assert {t["tag"]: t["value"] for t in doc["tags"]} == {"oil_temp": 21.5, "pressure": 4.5}
     assert doc["plan"][0]["requests_per_cycle"] == 2
+    # read, but outside min/max: a warning, not a failure
+    assert rc_warned == 0 and "press.oil_temp: value 21.5 outside min/max" in out_warned
+    assert "bad_range" in out_warned
 
 
 def test_check_explains_each_failure_in_one_line_and_exits_one(tmp_path):

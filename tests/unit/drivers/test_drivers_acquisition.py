@@ -43,3 +43,34 @@ def test_stop_without_start_and_twice_is_harmless():
 
     latest, plan = asyncio.run(main())
     assert latest == {} and "m1: 1 request(s) per cycle" in plan
+
+
+def test_a_failing_consumer_does_not_stop_acquisition():
+    from fedgate.drivers import Quality, TagValue
+    calls = []
+
+    def consumer(values):
+        calls.append(len(values))
+        raise RuntimeError("consumer bug")
+
+    async def main():
+        acq = Acquisition(load_config(DOC, file="agent.toml"), on_values=consumer)
+
+        async def poll_device(dev):
+            return [TagValue("m1.t", len(calls), 0.0, Quality.GOOD, (1,), "")], False
+
+        acq.poll_device = poll_device  # type: ignore[method-assign]
+        await acq.start()
+
+        async def three_batches():
+            while len(calls) < 3:
+                await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(three_batches(), 20)
+        finally:
+            await acq.stop()
+        return acq.latest()
+
+    latest = asyncio.run(main())
+    assert len(calls) >= 3
+    assert latest["m1.t"].value >= 2
