@@ -151,12 +151,13 @@ class _Scores:
         self.n += x.shape[0]
         if m.spec.kind is ModelKind.AUTOENCODER or y is None or self.loss_only:
             return
-        self.ys.append(np.asarray(y))
-        if m.spec.is_classifier:
+        if m.spec.is_classifier:  # compact copies: these live until the end of the task
+            self.ys.append(np.asarray(y, dtype=np.int32))
             proba = m.predict_proba(x)
-            self.outs.append(proba[:, 1].astype(np.float64) if proba.shape[1] == 2 else proba.argmax(axis=1))
-        else:
-            self.outs.append(np.asarray(m.predict(x), dtype=np.float64).reshape(x.shape[0], -1)[:, 0])
+            self.outs.append(proba[:, 1].copy() if proba.shape[1] == 2 else proba.argmax(axis=1).astype(np.int32))
+            return
+        self.ys.append(np.asarray(y))
+        self.outs.append(np.asarray(m.predict(x), dtype=np.float64).reshape(x.shape[0], -1)[:, 0])
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         if self.n == 0:
