@@ -22,12 +22,9 @@ import numpy as np
 from fedgate.core.config import option
 from fedgate.core.errors import ConfigError
 
-__all__ = ["UplinkConfig", "HelloInfo", "Task", "TaskOutcome", "GlobalModel", "TaskHandler", "TaskKind"]
+__all__ = ["UplinkConfig", "HelloInfo", "Task", "TaskOutcome", "GlobalModel", "TaskHandler"]
 
 _ENDPOINT = re.compile(r"^(tcp://[^\s:]+:\d{1,5}|ipc://\S+)$")
-
-TaskKind = str  # "statistics" | "train" | "evaluate"
-
 
 @dataclass(frozen=True, kw_only=True)
 class UplinkConfig:
