@@ -102,7 +102,7 @@ class Coordinator:
         self.eval_rows: list[tuple[str, int, str, int, dict[str, float]]] = []
         self.fatal: StoreError | None = None
         self.writer = CheckpointWriter(checkpoints)
-        self._announce: OpenRound | None = None    # committed in memory, checkpoint being written
+        self.max_pending_checkpoints = 2   # commits in memory whose checkpoint is still being written
         self._dp_scratch: np.ndarray | None = None
         self._accepted = {kind: metrics.accepted.labels(kind.value) for kind in TaskKind}
         self._restore()
@@ -166,7 +166,7 @@ class Coordinator:
         if self.scaler is not None:
             arrays["scaler_mean"], arrays["scaler_std"] = self.scaler
         for name, vec in self.strategy.state().items():
-            arrays[f"strategy.{name}"] = vec
+            arrays[f"strategy.{name}"] = vec.copy()  # updated in place by the next round
         meta = {"federation": self.fed.name, "spec": self.model.spec, "features": list(self.fed.features),
                 "label": self.fed.label, "n_params": self.model.n_params, "strategy": self.strategy.name,
                 "privacy_rates": list(self.accountant.rates)}
@@ -453,7 +453,6 @@ class Coordinator:
         ``committed``, which is only sent once the checkpoint is on disk. A crash in
         between restarts from the previous checkpoint and reopens this round.
         """
-        self._finish_commit(block=True)
         if self.fatal is not None:
             return
         op = self.open
@@ -476,41 +475,42 @@ class Coordinator:
             return
         self.open = None
         self._encode_model()
-        self._announce = op
-        self.writer.submit(self._make_checkpoint(phase))
+        if self.writer.pending >= self.max_pending_checkpoints:
+            self._finish_commit(block=True)
+        self.writer.submit(self._make_checkpoint(phase), op)
         self._maybe_start(self.clock())
 
     def _finish_commit(self, block: bool) -> None:
-        """Announce the committed round once its checkpoint is on disk (``block``: wait for it)."""
-        op = self._announce
-        if op is None or (not block and not self.writer.done()):
-            return
-        self._announce = None
-        try:
+        """Announce each committed round whose checkpoint is on disk (``block``: wait for all).
+
+        A round is announced (``committed``, the new model, evaluate tasks) only once its
+        checkpoint is durable; a failed write stops the server (``fatal``), and a restart
+        resumes from the last checkpoint that made it, reopening the rounds after it.
+        """
+        if block:
             self.writer.wait()
-        except StoreError as exc:
-            # cannot persist the round: stop rather than run on; a restart resumes this round
-            log.critical("%s round %d cannot be committed to disk: %s", op.kind.value, op.round, exc)
-            self.fatal = exc
-            return
-        self.metrics.last_checkpoint.set(time.time())
-        self.metrics.rounds.labels(op.kind.value).inc()
-        self.metrics.round_duration.observe(self.clock() - op.started)
-        self.metrics.current_round.set(op.round)
-        self._broadcast(op)
+        for op, error in self.writer.completed():
+            if self.fatal is not None:
+                continue
+            if error is not None:
+                log.critical("%s round %d cannot be committed to disk: %s", op.kind.value, op.round, error)
+                self.fatal = error
+                continue
+            self.metrics.last_checkpoint.set(time.time())
+            self.metrics.rounds.labels(op.kind.value).inc()
+            self.metrics.round_duration.observe(self.clock() - op.started)
+            self.metrics.current_round.set(op.round)
+            self._broadcast(op)
 
     @property
     def committing(self) -> bool:
         """A commit waits for its checkpoint (the loop should poll briefly)."""
-        return self._announce is not None
+        return self.writer.pending > 0
 
     def close(self) -> None:
-        """Finish (and announce) a checkpoint being written; called when the daemon stops."""
+        """Finish (and announce) checkpoints being written; called when the daemon stops."""
         self._finish_commit(block=True)
-        try:
-            self.writer.wait()
-        except StoreError as exc:
-            log.error("last checkpoint not written: %s", exc)
+        self.writer.close()
 
     def _record(self, op: OpenRound, epsilon: float | None) -> None:
         h = self.history

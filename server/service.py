@@ -181,6 +181,8 @@ class Server:
 
     def close(self) -> None:
         """Release sockets, threads and files (idempotent)."""
+        if hasattr(self, "coordinator"):
+            self.coordinator.close()
         if self.transport is not None:
             self.transport.close()
             self.transport = None

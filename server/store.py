@@ -29,6 +29,8 @@ import math
 import os
 import re
 import sqlite3
+import collections
+import queue
 import struct
 import threading
 import time
@@ -224,44 +226,71 @@ class CheckpointStore:
 
 
 class CheckpointWriter:
-    """Writes checkpoints on a worker thread, one at a time and in order.
+    """Writes checkpoints on one worker thread, in the order they are submitted.
 
-    The round loop hands over a checkpoint and goes on serving while the file is
-    written and fsynced; :meth:`done` says when it is on disk (then the commit may be
-    announced), :meth:`wait` blocks until then and re-raises a write failure. The arrays
-    of a submitted checkpoint must not change until it is done.
+    The round loop hands a checkpoint over with a tag and goes on serving while the file
+    is written and fsynced; :meth:`completed` returns ``(tag, error)`` for each one
+    finished since the last call, in order, so the loop can announce each commit once it
+    is on disk. The arrays of a submitted checkpoint must not change afterwards.
     """
 
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
+        self._queue: queue.Queue[tuple[Checkpoint, Any] | None] = queue.Queue()
+        self._finished: collections.deque[tuple[Any, StoreError | None]] = collections.deque()
         self._thread: threading.Thread | None = None
-        self._error: StoreError | None = None
+        self._pending = 0
 
-    def submit(self, ckpt: Checkpoint) -> None:
-        self.wait()
-        self._thread = threading.Thread(target=self._write, args=(ckpt,), name="fedgate-checkpoint", daemon=True)
-        self._thread.start()
+    @property
+    def pending(self) -> int:
+        """Checkpoints submitted and not yet collected through :meth:`completed`."""
+        return self._pending
 
-    def _write(self, ckpt: Checkpoint) -> None:
-        try:
-            self.store.save(ckpt)
-        except StoreError as exc:
-            self._error = exc
-        except Exception as exc:  # noqa: BLE001 - reported to the round loop as a StoreError
-            self._error = StoreError(f"{self.store.dir}: checkpoint failed: {exc!r}")
+    def submit(self, ckpt: Checkpoint, tag: Any = None) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="fedgate-checkpoint", daemon=True)
+            self._thread.start()
+        self._pending += 1
+        self._queue.put((ckpt, tag))
 
-    def done(self) -> bool:
-        """True when nothing is being written."""
-        return self._thread is None or not self._thread.is_alive()
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                ckpt, tag = item
+                error: StoreError | None = None
+                try:
+                    self.store.save(ckpt)
+                except StoreError as exc:
+                    error = exc
+                except Exception as exc:  # noqa: BLE001 - reported to the round loop as a StoreError
+                    error = StoreError(f"{self.store.dir}: checkpoint failed: {exc!r}")
+                self._finished.append((tag, error))
+            finally:
+                self._queue.task_done()
+
+    def completed(self) -> list[tuple[Any, StoreError | None]]:
+        """``(tag, error)`` of the checkpoints finished since the last call, oldest first."""
+        out = []
+        while self._finished:
+            out.append(self._finished.popleft())
+        self._pending -= len(out)
+        return out
 
     def wait(self) -> None:
-        """Block until the pending checkpoint is written; raise :class:`StoreError` if it failed."""
+        """Block until every submitted checkpoint is written (or failed)."""
         if self._thread is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        """Wait for the queue, then stop the worker thread."""
+        if self._thread is not None:
+            self._queue.join()
+            self._queue.put(None)
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
 
 @dataclass(frozen=True)
