@@ -149,6 +149,7 @@ class Server:
                         self.coordinator.handle(m.routing_id, m.user_id, m.frames)
                     except FedgateError as exc:
                         log.error("message from %s not handled: %s", m.user_id or m.routing_id.hex(), exc)
+                    del m  # release the frames before the next message is received
                 now = time.monotonic()
                 if now >= next_tick or self.coordinator.open is None or self.coordinator.committing:
                     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,29 +211,32 @@ class Transport:
         return None if self.auth is None else self.auth.names
 
     # ------------------------------------------------------------ I/O
-    def poll(self, timeout_s: float, max_messages: int = 256) -> list[Incoming]:
-        """Wait up to ``timeout_s`` and return the messages that arrived (never raises zmq errors)."""
+    def poll(self, timeout_s: float, max_messages: int = 256) -> Iterator[Incoming]:
+        """Wait up to ``timeout_s``, then yield the messages that arrived, one at a time.
+
+        Each message is received only when the previous one was handled, so its
+        buffers are released before the next is taken (never raises zmq errors).
+        """
         assert self.sock is not None
         try:
             ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EINTR:
-                return []
+                return
             raise
         if self.monitor in ready:
             self._drain_monitor()
-        out: list[Incoming] = []
         if self.sock not in ready:
-            return out
+            return
         names = self.allowed_names()
-        while len(out) < max_messages:
+        for _ in range(max_messages):
             try:
                 frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                break
+                return
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EINTR:
-                    break
+                    return
                 raise
             nbytes = sum(len(f) for f in frames)
             self.bytes_in += nbytes
@@ -245,8 +248,10 @@ class Transport:
                     log.warning("message from revoked or unknown identity %r refused", user_id)
                     self._on_event("revoked", user_id)
                     user_id = ""
-            out.append(Incoming(rid, user_id, frames[1:], nbytes))
-        return out
+            msg = Incoming(rid, user_id, frames[1:], nbytes)
+            del frames
+            yield msg
+            del msg
 
     def send(self, routing_id: bytes, frames: list[Any]) -> bool:
         """Send one message to a peer without blocking; False if it is gone or its queue is full.
