@@ -249,6 +249,12 @@ class AgentService:
                 self.counters["predictions_skipped"] += 1
             else:
                 self._predict_task = asyncio.create_task(self.predictor.handle(last.t_end, last.features))
+                self._predict_task.add_done_callback(self._predict_done)
+
+    def _predict_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.counters["prediction_failures"] = self.counters.get("prediction_failures", 0) + 1
+            log.error("prediction failed: %s", task.exception())
 
     # ------------------------------------------------------------------ reload
     async def _reload(self) -> None:
