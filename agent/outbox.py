@@ -1,15 +1,31 @@
 """The uplink's durable outbox: results kept on disk until their round is committed.
 
 A result (the header fields of a ``result`` message and its encoded payload) is
-written to a table of the agent's SQLite state file and committed with
-``synchronous=FULL`` *before* it is sent. It stays there, and is re-sent after every
-reconnect, until the server announces ``committed`` for its round; a crash of the
-agent or of the server therefore loses nothing, and the server's once-only check on
-the task nonce keeps anything from being counted twice.
+written to a table of the agent's SQLite state file *before* it is sent. It stays
+there, and is re-sent after every reconnect, until the server announces ``committed``
+for its round; the server's once-only check on the task nonce keeps anything from
+being counted twice.
+
+Durability, precisely (WAL mode, ``synchronous=NORMAL`` on the outbox's connection):
+
+* When :meth:`Outbox.put` returns, the row is committed to the WAL file through the
+  OS: it is in the kernel's page cache, not only in this process. A ``kill -9`` (or
+  any crash) of the agent at any later moment loses nothing, so the uplink sends the
+  result right after ``put`` without waiting for the disk.
+* Power loss or a kernel crash is covered *shortly after*: every write wakes a
+  background thread (``outbox-harden``) that ``fsync``-s the WAL and the database
+  file, coalescing all writes made meanwhile (one fsync per burst, off the send
+  path). Only results written in the last few milliseconds before a power cut can
+  be lost; such a result was at most just sent, and the server, which never counts
+  a task twice and re-issues nothing it did not aggregate, closes the round without
+  it (as for an agent that died mid-round). :meth:`Outbox.sync` hardens on demand
+  and :meth:`Outbox.close` always does.
+* The WAL is checkpointed into the database by the same thread (the outbox's own
+  connection never checkpoints inline, so a large payload never puts an fsync on
+  the send path).
 
 The table lives beside the agent's own tables in the same file (WAL mode, so the
-agent's store and the uplink can both use it); only the outbox's own connection is
-opened with ``synchronous=FULL``.
+agent's store and the uplink can both use it).
 
 >>> import tempfile, os
 >>> box = Outbox(os.path.join(tempfile.mkdtemp(), "state.db"))
@@ -18,12 +34,15 @@ opened with ``synchronous=FULL``.
 ([3], 1)
 >>> box.drop_through(3), box.count()
 (1, 0)
+>>> box.sync(), box.durable
+(True, True)
 >>> box.close()
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -36,6 +55,9 @@ from fedgate.core.errors import StoreError
 __all__ = ["Outbox", "OutboxEntry"]
 
 log = logging.getLogger(__name__)
+
+_HARDEN_IDLE_S = 0.5           # the background thread exits after this long without writes
+_CHECKPOINT_WAL_BYTES = 1 << 20  # checkpoint the WAL (off the send path) once it is this large
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uplink_outbox (
@@ -94,26 +116,44 @@ class Outbox:
     Notes
     -----
     Thread-safe: the uplink stores results from its worker thread and deletes them
-    from its event-loop thread. SQLite errors become :class:`StoreError`.
+    from its event-loop thread. SQLite and OS errors become :class:`StoreError`
+    (a failed background fsync is logged and counted in :attr:`harden_errors`, and
+    retried on the next write or :meth:`sync`).
     """
 
     def __init__(self, db_path: str | Path) -> None:
         self.path = Path(db_path)
+        self._wal_path = self.path.with_name(self.path.name + "-wal")
         self._lock = threading.Lock()
+        self._hlock = threading.Lock()          # guards the hardening state below
+        self._sync_lock = threading.Lock()      # one fsync pass at a time
+        self._wake = threading.Condition(self._hlock)
+        self._written = 1                       # writes committed so far (the schema is the first)
+        self._hardened = 0                      # writes known to be on stable storage
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.harden_errors = 0
+        self.fsyncs = 0
+        self.checkpoints = 0
+        self.checkpointed = 0                   # writes moved from the WAL into the database file
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on the harden thread
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"outbox {self.path}: cannot open: {exc}") from exc
+        self._fsync_dir()
+        self.sync()
 
     # -- writes -------------------------------------------------------------------
     def put(self, entry: OutboxEntry) -> None:
-        """Store ``entry`` durably (fsynced) before it is ever sent.
+        """Store ``entry`` before it is ever sent (safe from a crash of this process at once,
+        from power loss once the background fsync ran; see the module docstring).
 
         A second ``put`` of the same task_id replaces the first (a re-run task).
         """
@@ -124,11 +164,42 @@ class Outbox:
 
     def remove(self, task_id: str) -> bool:
         """Delete one entry; True if it was there."""
-        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,), durable=False) > 0
+        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,)) > 0
 
     def drop_through(self, round_: int) -> int:
         """Delete every entry of a round ``<= round_`` (those rounds are committed)."""
-        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),), durable=False)
+        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),))
+
+    # -- durability ---------------------------------------------------------------
+    @property
+    def writes(self) -> int:
+        """Writes committed so far (a sequence number; :attr:`checkpointed` compares to it)."""
+        with self._hlock:
+            return self._written
+
+    @property
+    def durable(self) -> bool:
+        """True when every write so far has been fsynced."""
+        with self._hlock:
+            return self._hardened >= self._written
+
+    def sync(self) -> bool:
+        """fsync every write made so far now (in the calling thread); True on success."""
+        with self._hlock:
+            target = self._written
+        return self._harden(target)
+
+    def wait_durable(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the background thread to harden every write so far."""
+        deadline = time.monotonic() + timeout_s
+        with self._hlock:
+            target = self._written
+            while self._hardened < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(min(left, 0.05))
+        return True
 
     # -- reads --------------------------------------------------------------------
     def get(self, task_id: str) -> OutboxEntry | None:
@@ -152,32 +223,31 @@ class Outbox:
         return int(self._read("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM uplink_outbox", ())[0][0])
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
+        """Stop the background thread, fsync what is left, close (idempotent)."""
+        with self._hlock:
+            self._closing = True
+            thread = self._thread
+            self._wake.notify_all()
+        if thread is not None:
+            thread.join()
+        if self._db is not None:
+            self.sync()
         with self._lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None  # type: ignore[assignment]
 
     # -- internals ----------------------------------------------------------------
-    def _write(self, sql: str, args: tuple[Any, ...], *, durable: bool = True) -> int:
+    def _write(self, sql: str, args: tuple[Any, ...]) -> int:
         with self._lock:
             db = self._conn()
             try:
-                if not durable:
-                    db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    cur = db.execute(sql, args)
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                return cur.rowcount
+                # one statement in autocommit mode: its own transaction (WAL, synchronous=NORMAL)
+                n = db.execute(sql, args).rowcount
             except sqlite3.Error as exc:
                 raise StoreError(f"outbox {self.path}: write failed: {exc}") from exc
-            finally:
-                if not durable:
-                    db.execute("PRAGMA synchronous=FULL")
+        self._kick()
+        return n
 
     def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -190,6 +260,98 @@ class Outbox:
         if self._db is None:
             raise StoreError(f"outbox {self.path}: closed")
         return self._db
+
+    def _kick(self) -> None:
+        """Count a committed write and make sure the harden thread will fsync it."""
+        with self._hlock:
+            self._written += 1
+            if self._closing:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._harden_loop, name="outbox-harden", daemon=True)
+                self._thread.start()
+            else:
+                self._wake.notify_all()
+
+    def _harden_loop(self) -> None:
+        ckpt: list[sqlite3.Connection] = []  # this thread's own connection for checkpoints
+        try:
+            while True:
+                with self._hlock:
+                    if self._hardened >= self._written and not self._closing:
+                        self._wake.wait(_HARDEN_IDLE_S)
+                    if self._closing or self._hardened >= self._written:
+                        self._thread = None  # idle (or closing): exit; the next write starts a new one
+                        return
+                    target = self._written
+                if self._harden(target):
+                    self._maybe_checkpoint(ckpt, target)
+                else:
+                    time.sleep(0.1)  # a failing disk: do not spin
+        finally:
+            for db in ckpt:
+                db.close()
+
+    def _harden(self, target: int) -> bool:
+        """fsync the WAL and the database file: every write up to ``target`` is then durable."""
+        with self._sync_lock:
+            with self._hlock:
+                if self._hardened >= target:
+                    return True
+            try:
+                for path in (self._wal_path, self.path):
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except FileNotFoundError:
+                        continue  # no WAL: everything is in the (synced) database file
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            except OSError as exc:
+                self.harden_errors += 1
+                log.error("outbox %s: fsync failed (results stay in the OS cache, retried): %s", self.path, exc)
+                return False
+            self.fsyncs += 1
+            with self._hlock:
+                self._hardened = max(self._hardened, target)
+                self._wake.notify_all()
+            return True
+
+    def _maybe_checkpoint(self, ckpt: list[sqlite3.Connection], target: int) -> None:
+        """Move the WAL into the database (PASSIVE: never waits for the uplink's writes).
+
+        Once every frame is in the database, the next write starts the WAL file over,
+        so it stays about one round of results large.
+        """
+        try:
+            if self._wal_path.stat().st_size < _CHECKPOINT_WAL_BYTES:
+                self.checkpointed = target
+                return
+        except FileNotFoundError:
+            self.checkpointed = target
+            return
+        try:
+            if not ckpt:
+                ckpt.append(sqlite3.connect(str(self.path), timeout=0.0, isolation_level=None))
+            busy, frames, moved = ckpt[0].execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self.checkpoints += 1
+            if not busy and frames == moved:
+                self.checkpointed = target
+        except sqlite3.Error as exc:
+            log.debug("outbox %s: checkpoint postponed: %s", self.path, exc)
+
+    def _fsync_dir(self) -> None:
+        try:
+            fd = os.open(self.path.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _entry(row: tuple[Any, ...]) -> OutboxEntry:

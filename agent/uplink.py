@@ -154,6 +154,7 @@ class Uplink:
             await self._finish_tasks()
             self._executor.shutdown(wait=True, cancel_futures=True)
             ctx.term()
+            self._outbox.sync()  # results stored just before stopping: on disk, not only in the OS cache
             self._outbox_count = self._outbox.count()
             log.info("uplink stopped")
 

@@ -1,9 +1,14 @@
 """The uplink's durable outbox: a real SQLite file, reopened as after a crash."""
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 
+import numpy as np
 import pytest
 
 from fedgate.agent.outbox import Outbox, OutboxEntry
@@ -108,4 +113,59 @@ def test_corrupt_fields_reported(tmp_path):
     raw.close()
     with pytest.raises(StoreError, match="corrupt"):
         box.pending()
+    box.close()
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from fedgate.agent.outbox import Outbox, OutboxEntry
+box = Outbox(sys.argv[1])
+box.put(OutboxEntry(task_id="c" * 32, round=9, kind="train", fields={"n_samples": 3}, payload=b"\\x07" * 5000))
+os.kill(os.getpid(), signal.SIGKILL)  # right after put: no close, no background fsync awaited
+"""
+
+
+def test_put_survives_kill9_of_the_writer_at_once(tmp_path):
+    db = tmp_path / "state.db"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(db)], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    box = Outbox(db)
+    got = box.get("c" * 32)
+    assert got is not None and got.round == 9 and got.payload == b"\x07" * 5000
+    box.close()
+
+
+def test_writes_are_hardened_in_the_background_and_the_thread_goes_idle(tmp_path):
+    box = Outbox(tmp_path / "state.db")
+    assert box.durable
+    before = box.fsyncs
+    box.put(_entry(1, 1, b"x" * 100))
+    box.put(_entry(2, 1, b"y" * 100))
+    assert box.wait_durable(20.0)
+    assert box.durable and box.fsyncs > before and box.harden_errors == 0
+    deadline = time.monotonic() + 20.0
+    while any(t.name == "outbox-harden" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "harden thread never went idle"
+        time.sleep(0.02)
+    box.put(_entry(3, 2))  # a new burst starts a new thread
+    assert box.wait_durable(20.0)
+    box.close()
+    assert not any(t.name == "outbox-harden" for t in threading.enumerate())
+
+
+def test_wal_is_checkpointed_off_the_write_path_and_stays_bounded(tmp_path):
+    db = tmp_path / "state.db"
+    box = Outbox(db)
+    blob = np.random.default_rng(0).bytes(2 << 20)
+    for i in range(20):  # a round: its result is stored, later its commit drops it
+        box.put(_entry(i, i, blob))
+        box.drop_through(i)
+        deadline = time.monotonic() + 20.0
+        while box.checkpointed < box.writes:  # the harden thread catches up between rounds
+            assert time.monotonic() < deadline, "the WAL was not checkpointed after a 2 MiB write"
+            time.sleep(0.01)
+    assert box.checkpoints >= 1
+    wal = db.with_name(db.name + "-wal")
+    assert wal.stat().st_size < 8 << 20  # about 80 MiB went through it (rows and their deletion)
+    assert box.count() == 0
     box.close()
