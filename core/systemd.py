@@ -19,8 +19,9 @@ def notify(message: str) -> bool:
         addr = "\0" + addr[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(addr)
-            sock.sendall(message.encode("utf-8"))
+            # Never block the daemon's loop: a reader that stopped draining the socket
+            # costs one lost notification (EAGAIN), not a wedged process.
+            sock.sendto(message.encode("utf-8"), socket.MSG_DONTWAIT, addr)
     except OSError:
         return False
     return True
