@@ -136,6 +136,8 @@ class Outbox:
         self.fsyncs = 0
         self.checkpoints = 0
         self.checkpointed = 0                   # writes moved from the WAL into the database file
+        self._wal_bytes = 0                     # about how much the WAL holds since it last started over
+        self._backfilled = False                # the last checkpoint moved every frame: the WAL starts over
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
@@ -160,15 +162,16 @@ class Outbox:
         row = (entry.task_id, entry.round, entry.kind, json.dumps(entry.fields, allow_nan=False),
                None if entry.payload is None else memoryview(entry.payload), entry.created_ts, entry.sends)
         self._write("INSERT OR REPLACE INTO uplink_outbox"
-                    "(task_id, round, kind, fields, payload, created_ts, sends) VALUES (?,?,?,?,?,?,?)", row)
+                    "(task_id, round, kind, fields, payload, created_ts, sends) VALUES (?,?,?,?,?,?,?)", row,
+                    1024 + len(row[3]) + (0 if entry.payload is None else len(row[4])))
 
     def remove(self, task_id: str) -> bool:
         """Delete one entry; True if it was there."""
-        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,)) > 0
+        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,), 4096) > 0
 
     def drop_through(self, round_: int) -> int:
         """Delete every entry of a round ``<= round_`` (those rounds are committed)."""
-        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),))
+        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),), 4096)
 
     # -- durability ---------------------------------------------------------------
     @property
@@ -238,7 +241,7 @@ class Outbox:
                 self._db = None  # type: ignore[assignment]
 
     # -- internals ----------------------------------------------------------------
-    def _write(self, sql: str, args: tuple[Any, ...]) -> int:
+    def _write(self, sql: str, args: tuple[Any, ...], nbytes: int) -> int:
         with self._lock:
             db = self._conn()
             try:
@@ -246,7 +249,7 @@ class Outbox:
                 n = db.execute(sql, args).rowcount
             except sqlite3.Error as exc:
                 raise StoreError(f"outbox {self.path}: write failed: {exc}") from exc
-        self._kick()
+        self._kick(nbytes)
         return n
 
     def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -261,10 +264,13 @@ class Outbox:
             raise StoreError(f"outbox {self.path}: closed")
         return self._db
 
-    def _kick(self) -> None:
+    def _kick(self, nbytes: int) -> None:
         """Count a committed write and make sure the harden thread will fsync it."""
         with self._hlock:
             self._written += 1
+            if self._backfilled:
+                self._backfilled, self._wal_bytes = False, 0
+            self._wal_bytes += nbytes
             if self._closing:
                 return
             if self._thread is None:
@@ -324,11 +330,9 @@ class Outbox:
         Once every frame is in the database, the next write starts the WAL file over,
         so it stays about one round of results large.
         """
-        try:
-            if self._wal_path.stat().st_size < _CHECKPOINT_WAL_BYTES:
-                self.checkpointed = target
-                return
-        except FileNotFoundError:
+        with self._hlock:
+            grown = self._wal_bytes
+        if grown < _CHECKPOINT_WAL_BYTES:  # (the WAL file keeps its size when it starts over: count bytes)
             self.checkpointed = target
             return
         try:
@@ -338,6 +342,8 @@ class Outbox:
             self.checkpoints += 1
             if not busy and frames == moved:
                 self.checkpointed = target
+                with self._hlock:
+                    self._backfilled = self._written == target
         except sqlite3.Error as exc:
             log.debug("outbox %s: checkpoint postponed: %s", self.path, exc)
 

@@ -89,7 +89,7 @@ def train_rounds(history: Path) -> list[tuple[int, float, float]]:
 
 
 def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Path, timeout_s: float,
-              state_dir: Path | None = None) -> dict[str, Any]:
+              state_dir: Path | None = None, profile: bool = False) -> dict[str, Any]:
     tag = f"n{n}_d{d}_{codec}_{'curve' if curve else 'plain'}"
     wd = workdir / tag
     wd.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,8 @@ def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Pat
                 fedtools.agent_command(name, server=f"tcp://127.0.0.1:{port}", db=sd / f"{name}.db", keys=keys,
                                        seed=i, mode="bench", n_features=spec["n_features"],
                                        report=wd / f"{name}.json", heartbeat="5s", dead_after="15s",
-                                       log_level="warning"),
+                                       log_level="warning",
+                                       profile=wd / f"{name}.prof" if profile and i == 0 else None),
                 wd / f"{name}.log"))
         history = wd / "server" / "history.db"
         done: list[tuple[int, float, float]] = []
@@ -164,6 +165,8 @@ def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Pat
     result["agents_reported"] = len(reports)
     result["agent_vm_hwm_kb_max"] = max(rss) if rss else None
     result["agent_vm_hwm_kb_median"] = statistics.median(rss) if rss else None
+    cpu = [(r["cpu_s"] - r["cpu_s_at_start"]) / max(1, len(done)) for r in reports if "cpu_s" in r]
+    result["agent_cpu_ms_per_round_median"] = 1000 * statistics.median(cpu) if cpu else None
     return result
 
 
@@ -216,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agent-state-dir", default=None,
                     help="where the agents' state files (outbox) go; default the work dir (disk). On one host "
                          "all agents fsync to the same disk, which real gateways do not")
+    ap.add_argument("--profile-agent", action="store_true",
+                    help="run the first agent of each point under cProfile (WORKDIR/POINT/gw000.prof)")
     args = ap.parse_args(argv)
     configs = args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
     rounds = 5 if args.quick and args.rounds == 11 else args.rounds
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             for curve in curves:
                 print(f"fedgate N={n} D={d} codec={codec} curve={curve} ...", flush=True)
                 r = run_point(n, d, codec, curve == "on", rounds, workdir, args.timeout,
-                              Path(args.agent_state_dir) if args.agent_state_dir else None)
+                              Path(args.agent_state_dir) if args.agent_state_dir else None, args.profile_agent)
                 r["agent_state"] = args.agent_state_dir or "disk"
                 print(json.dumps(r), flush=True)
                 results.append(r)

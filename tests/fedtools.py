@@ -212,7 +212,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, uplink.stop)
         await uplink.run()
 
-    asyncio.run(main())
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        asyncio.run(main())
+        prof.disable()
+        prof.dump_stats(args.profile)
+    else:
+        asyncio.run(main())
     status = uplink.status()
     uplink.close()
     if args.report:
@@ -288,7 +297,7 @@ def agent_command(name: str, *, server: str, db: Path, keys: dict[str, Path] | N
                   mode: str = "synth", n_samples: int = 200, n_features: int = 4,
                   model_out: Path | None = None, report: Path | None = None,
                   heartbeat: str = "500ms", dead_after: str = "3s", log_level: str = "info",
-                  train_delay_s: float = 0.0) -> list[str]:
+                  train_delay_s: float = 0.0, profile: Path | None = None) -> list[str]:
     cmd = [sys.executable, str(HERE), "agent", "--name", name, "--server", server, "--db", str(db),
            "--seed", str(seed), "--mode", mode, "--n-samples", str(n_samples), "--n-features", str(n_features),
            "--heartbeat", heartbeat, "--dead-after", dead_after, "--log-level", log_level,
@@ -302,6 +311,8 @@ def agent_command(name: str, *, server: str, db: Path, keys: dict[str, Path] | N
         cmd += ["--model-out", str(model_out)]
     if report is not None:
         cmd += ["--report", str(report)]
+    if profile is not None:
+        cmd += ["--profile", str(profile)]
     return cmd
 
 
@@ -349,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--model-out")
     a.add_argument("--train-delay", type=float, default=0.0, help="seconds each train task sleeps")
     a.add_argument("--report")
+    a.add_argument("--profile", help="write cProfile stats of the agent's run here")
     a.add_argument("--heartbeat", default="500ms")
     a.add_argument("--dead-after", default="3s")
     a.add_argument("--hello-timeout", default="2s")
