@@ -12,14 +12,16 @@ Durability, precisely (WAL mode, ``synchronous=NORMAL`` on the outbox's connecti
   OS: it is in the kernel's page cache, not only in this process. A ``kill -9`` (or
   any crash) of the agent at any later moment loses nothing, so the uplink sends the
   result right after ``put`` without waiting for the disk.
-* Power loss or a kernel crash is covered *shortly after*: every write wakes a
+* Power loss or a kernel crash is covered *shortly after*: every stored result wakes a
   background thread (``outbox-harden``) that ``fsync``-s the WAL and the database
   file, coalescing all writes made meanwhile (one fsync per burst, off the send
   path). Only results written in the last few milliseconds before a power cut can
   be lost; such a result was at most just sent, and the server, which never counts
   a task twice and re-issues nothing it did not aggregate, closes the round without
-  it (as for an agent that died mid-round). :meth:`Outbox.sync` hardens on demand
-  and :meth:`Outbox.close` always does.
+  it (as for an agent that died mid-round). Deletes (of committed or rejected
+  results) are hardened with the next stored result: one lost to a power cut only
+  brings back a result the server refuses as stale. :meth:`Outbox.sync` hardens on
+  demand and :meth:`Outbox.close` always does.
 * The WAL is checkpointed into the database by the same thread (the outbox's own
   connection never checkpoints inline, so a large payload never puts an fsync on
   the send path).
@@ -146,6 +148,7 @@ class Outbox:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on the harden thread
             self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.execute("PRAGMA cache_size=-16384")  # a 4 MB payload fits: cheaper deletes
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"outbox {self.path}: cannot open: {exc}") from exc
@@ -167,11 +170,11 @@ class Outbox:
 
     def remove(self, task_id: str) -> bool:
         """Delete one entry; True if it was there."""
-        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,), 4096) > 0
+        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,), 4096, harden=False) > 0
 
     def drop_through(self, round_: int) -> int:
         """Delete every entry of a round ``<= round_`` (those rounds are committed)."""
-        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),), 4096)
+        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),), 4096, harden=False)
 
     # -- durability ---------------------------------------------------------------
     @property
@@ -182,7 +185,7 @@ class Outbox:
 
     @property
     def durable(self) -> bool:
-        """True when every write so far has been fsynced."""
+        """True when every write so far has been fsynced (deletes are hardened lazily)."""
         with self._hlock:
             return self._hardened >= self._written
 
@@ -241,7 +244,7 @@ class Outbox:
                 self._db = None  # type: ignore[assignment]
 
     # -- internals ----------------------------------------------------------------
-    def _write(self, sql: str, args: tuple[Any, ...], nbytes: int) -> int:
+    def _write(self, sql: str, args: tuple[Any, ...], nbytes: int, *, harden: bool = True) -> int:
         with self._lock:
             db = self._conn()
             try:
@@ -249,7 +252,7 @@ class Outbox:
                 n = db.execute(sql, args).rowcount
             except sqlite3.Error as exc:
                 raise StoreError(f"outbox {self.path}: write failed: {exc}") from exc
-        self._kick(nbytes)
+        self._kick(nbytes, harden)
         return n
 
     def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -264,14 +267,19 @@ class Outbox:
             raise StoreError(f"outbox {self.path}: closed")
         return self._db
 
-    def _kick(self, nbytes: int) -> None:
-        """Count a committed write and make sure the harden thread will fsync it."""
+    def _kick(self, nbytes: int, harden: bool) -> None:
+        """Count a committed write and (``harden``) make sure the harden thread will fsync it.
+
+        Deletes do not wake the thread: a delete lost to a power cut only brings back a
+        result of a committed round, which the server refuses as stale (and the agent
+        then drops); they are hardened with the next stored result, or by :meth:`sync`.
+        """
         with self._hlock:
             self._written += 1
             if self._backfilled:
                 self._backfilled, self._wal_bytes = False, 0
             self._wal_bytes += nbytes
-            if self._closing:
+            if self._closing or not harden:
                 return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._harden_loop, name="outbox-harden", daemon=True)

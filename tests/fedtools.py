@@ -173,6 +173,22 @@ def _peak_rss_kb() -> int | None:
     return None
 
 
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds per OS thread of this process (by thread name), from /proc."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                raw = fh.read()
+            name = raw[raw.index("(") + 1:raw.rindex(")")]
+            fields = raw[raw.rindex(")") + 2:].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 def _watch_parent(parent: int) -> None:
     def watch() -> None:
         while True:
@@ -222,12 +238,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
         prof.dump_stats(args.profile)
     else:
         asyncio.run(main())
+    threads_cpu = _thread_cpu_s()
     status = uplink.status()
     uplink.close()
     if args.report:
         Path(args.report).write_text(json.dumps({
             "name": args.name, "vm_hwm_kb": _peak_rss_kb(), "tasks": handler.task_log, "status": status,
-            "cpu_s": time.process_time(), "cpu_s_at_start": cpu_start,
+            "cpu_s": time.process_time(), "cpu_s_at_start": cpu_start, "threads_cpu_s": threads_cpu,
         }))
     return 0
 

@@ -410,6 +410,45 @@ def test_published_model_reaches_the_handler(tmp_path):
     np.testing.assert_array_equal(m.params, params)
 
 
+def test_model_carried_by_tasks_reaches_the_handler_once_its_round_is_committed(tmp_path):
+    from fedgate.core import codec
+
+    class Trainer(Handler):
+        def run_task(self, task: Task, global_params: np.ndarray | None) -> TaskOutcome:
+            if task.kind == "train":
+                return TaskOutcome(n_samples=10, metrics={}, params=global_params + 1)
+            return super().run_task(task, global_params)
+
+    handler = Trainer()
+    p4, p5 = np.full(3, 4.0, dtype=np.float32), np.full(3, 5.0, dtype=np.float32)
+
+    async def task(server: ScriptedServer, rid: bytes, round_: int, kind: str, params: np.ndarray) -> None:
+        await server.send(rid, MsgType.TASK, task_fields(round_, kind), payload=codec.encode(params, "f32"))
+        _, msg = await server.recv()
+        assert msg.type is MsgType.RESULT and msg.fields["round"] == round_
+
+    async def scenario(server: ScriptedServer, uplink: Uplink) -> None:
+        rid, _ = await server.recv()
+        await server.welcome(rid)
+        await task(server, rid, 4, "evaluate", p4)      # the model of round 4, not yet committed
+        assert handler.models == []
+        await server.send(rid, MsgType.COMMITTED, {"round": 4})
+        await _until(lambda: len(handler.models) == 1)
+        await task(server, rid, 4, "evaluate", p4)      # the same model again: not handed twice
+        await task(server, rid, 6, "train", p5)         # a train task of round 6 carries model 5
+        await server.send(rid, MsgType.HEARTBEAT, {})
+        assert len(handler.models) == 1
+        await server.send(rid, MsgType.COMMITTED, {"round": 5})
+        await _until(lambda: len(handler.models) == 2)
+
+    uplink = run_scenario(None, tmp_path / "s.db", scenario, handler=handler)
+    (m4, m5) = handler.models
+    assert (m4.round, m5.round) == (4, 5) and m4.features == FEATURES and m5.spec == SPEC
+    np.testing.assert_array_equal(m4.params, p4)
+    np.testing.assert_array_equal(m5.params, p5)
+    assert uplink.counters["models_from_tasks"] == 2
+
+
 def test_failing_handler_is_counted_and_the_link_stays(tmp_path, caplog):
     class Broken(Handler):
         def run_task(self, task, global_params):
