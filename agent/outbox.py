@@ -27,7 +27,12 @@ Durability, precisely (WAL mode, ``synchronous=NORMAL`` on the outbox's connecti
   the send path).
 
 The table lives beside the agent's own tables in the same file (WAL mode, so the
-agent's store and the uplink can both use it).
+agent's store and the uplink can both use it). Payloads of 64 KiB or more are kept
+in reusable slot files beside it (``<state file>.outbox/``, see
+:mod:`fedgate.agent.outbox_slots`): the file is written before the row that names it
+(with its length and CRC-32), both are fsynced by the same background pass (slots
+first), and a row whose slot does not hold exactly its payload is dropped with an
+error and counted (:attr:`Outbox.corrupt_payloads`), never sent.
 
 >>> import tempfile, os
 >>> box = Outbox(os.path.join(tempfile.mkdtemp(), "state.db"))
@@ -52,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedgate.agent.outbox_slots import SLOT_MIN_BYTES, PayloadSlots
 from fedgate.core.errors import StoreError
 
 __all__ = ["Outbox", "OutboxEntry"]
@@ -73,6 +79,9 @@ CREATE TABLE IF NOT EXISTS uplink_outbox (
 );
 CREATE INDEX IF NOT EXISTS uplink_outbox_round ON uplink_outbox(round);
 """
+# payloads of SLOT_MIN_BYTES or more live in slot files (fedgate.agent.outbox_slots)
+_SLOT_COLUMNS = (("payload_slot", "INTEGER"), ("payload_len", "INTEGER"), ("payload_crc", "INTEGER"))
+_COLUMNS = "task_id, round, kind, fields, payload, created_ts, sends, payload_slot, payload_len, payload_crc"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,8 +159,21 @@ class Outbox:
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.execute("PRAGMA cache_size=-16384")  # a 4 MB payload fits: cheaper deletes
             self._db.executescript(_SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(uplink_outbox)")}
+            for name, kind in _SLOT_COLUMNS:
+                if name not in have:  # a state file from before slot files
+                    self._db.execute(f"ALTER TABLE uplink_outbox ADD COLUMN {name} {kind}")
+            self._slot_of: dict[str, tuple[int, int]] = {}   # task_id -> (round, slot)
+            self._slots = PayloadSlots(self.path.with_name(self.path.name + ".outbox"))
+            for tid, rnd, slot in self._db.execute(
+                    "SELECT task_id, round, payload_slot FROM uplink_outbox WHERE payload_slot IS NOT NULL"):
+                self._slot_of[tid] = (int(rnd), int(slot))
+                self._slots.mark_used(int(slot))
         except sqlite3.Error as exc:
             raise StoreError(f"outbox {self.path}: cannot open: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"outbox {self.path}: cannot open its payload slots: {exc}") from exc
+        self.corrupt_payloads = 0
         self._fsync_dir()
         self.sync()
 
@@ -162,19 +184,43 @@ class Outbox:
 
         A second ``put`` of the same task_id replaces the first (a re-run task).
         """
-        row = (entry.task_id, entry.round, entry.kind, json.dumps(entry.fields, allow_nan=False),
-               None if entry.payload is None else memoryview(entry.payload), entry.created_ts, entry.sends)
-        self._write("INSERT OR REPLACE INTO uplink_outbox"
-                    "(task_id, round, kind, fields, payload, created_ts, sends) VALUES (?,?,?,?,?,?,?)", row,
-                    1024 + len(row[3]) + (0 if entry.payload is None else len(row[4])))
+        text = json.dumps(entry.fields, allow_nan=False)
+        payload = None if entry.payload is None else memoryview(entry.payload).cast("B")
+        sql = (f"INSERT OR REPLACE INTO uplink_outbox({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)")
+        if payload is None or len(payload) < SLOT_MIN_BYTES:
+            row = (entry.task_id, entry.round, entry.kind, text, payload, entry.created_ts, entry.sends,
+                   None, None, None)
+            self._write(sql, row, 1024 + len(text) + (0 if payload is None else len(payload)),
+                        release=(entry.task_id,))
+            return
+        with self._lock:  # the file first, then the row that names it
+            self._conn()
+            slot = self._slots.claim()
+            try:
+                crc = self._slots.write(slot, entry.task_id, payload)
+            except OSError as exc:
+                self._slots.release(slot)
+                raise StoreError(f"outbox {self.path}: cannot write payload slot {slot}: {exc}") from exc
+            row = (entry.task_id, entry.round, entry.kind, text, None, entry.created_ts, entry.sends,
+                   slot, len(payload), crc)
+            try:
+                self._write(sql, row, 1024 + len(text), release=(entry.task_id,), locked=True)
+            except StoreError:
+                self._slots.release(slot)
+                raise
+            self._slot_of[entry.task_id] = (entry.round, slot)
 
     def remove(self, task_id: str) -> bool:
         """Delete one entry; True if it was there."""
-        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,), 4096, harden=False) > 0
+        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,), 4096, harden=False,
+                           release=(task_id,)) > 0
 
     def drop_through(self, round_: int) -> int:
         """Delete every entry of a round ``<= round_`` (those rounds are committed)."""
-        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),), 4096, harden=False)
+        with self._lock:
+            gone = tuple(t for t, (r, _) in self._slot_of.items() if r <= round_)
+        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),), 4096, harden=False,
+                           release=gone)
 
     # -- durability ---------------------------------------------------------------
     @property
@@ -210,15 +256,14 @@ class Outbox:
     # -- reads --------------------------------------------------------------------
     def get(self, task_id: str) -> OutboxEntry | None:
         """The entry for ``task_id``, or None."""
-        rows = self._read("SELECT task_id, round, kind, fields, payload, created_ts, sends "
-                          "FROM uplink_outbox WHERE task_id = ?", (task_id,))
-        return _entry(rows[0]) if rows else None
+        rows = self._read(f"SELECT {_COLUMNS} FROM uplink_outbox WHERE task_id = ?", (task_id,))
+        entries = self._entries(rows)
+        return entries[0] if entries else None
 
     def pending(self) -> list[OutboxEntry]:
         """Every stored entry, oldest round first."""
-        rows = self._read("SELECT task_id, round, kind, fields, payload, created_ts, sends "
-                          "FROM uplink_outbox ORDER BY round, created_ts", ())
-        return [_entry(r) for r in rows]
+        rows = self._read(f"SELECT {_COLUMNS} FROM uplink_outbox ORDER BY round, created_ts", ())
+        return self._entries(rows)
 
     def count(self) -> int:
         """Number of stored entries."""
@@ -226,7 +271,8 @@ class Outbox:
 
     def size_bytes(self) -> int:
         """Total payload bytes held."""
-        return int(self._read("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM uplink_outbox", ())[0][0])
+        return int(self._read("SELECT COALESCE(SUM(COALESCE(payload_len, LENGTH(payload))), 0) "
+                              "FROM uplink_outbox", ())[0][0])
 
     def close(self) -> None:
         """Stop the background thread, fsync what is left, close (idempotent)."""
@@ -244,16 +290,45 @@ class Outbox:
                 self._db = None  # type: ignore[assignment]
 
     # -- internals ----------------------------------------------------------------
-    def _write(self, sql: str, args: tuple[Any, ...], nbytes: int, *, harden: bool = True) -> int:
-        with self._lock:
-            db = self._conn()
-            try:
-                # one statement in autocommit mode: its own transaction (WAL, synchronous=NORMAL)
-                n = db.execute(sql, args).rowcount
-            except sqlite3.Error as exc:
-                raise StoreError(f"outbox {self.path}: write failed: {exc}") from exc
+    def _write(self, sql: str, args: tuple[Any, ...], nbytes: int, *, harden: bool = True,
+               release: tuple[str, ...] = (), locked: bool = False) -> int:
+        """One statement in autocommit mode (its own transaction; WAL, synchronous=NORMAL).
+
+        ``release``: task ids whose payload slots are free once it committed.
+        """
+        if not locked:
+            with self._lock:
+                return self._write(sql, args, nbytes, harden=harden, release=release, locked=True)
+        db = self._conn()
+        try:
+            n = db.execute(sql, args).rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"outbox {self.path}: write failed: {exc}") from exc
+        for tid in release:
+            old = self._slot_of.pop(tid, None)
+            if old is not None:
+                self._slots.release(old[1])
         self._kick(nbytes, harden)
         return n
+
+    def _entries(self, rows: list[tuple[Any, ...]]) -> list[OutboxEntry]:
+        """Rows -> entries, reading slot payloads; a row whose slot does not hold its payload
+        (torn by a power cut, or reused after a delete the power cut undid) is dropped."""
+        out, bad = [], []
+        for row in rows:
+            task_id, slot, length, crc = row[0], row[7], row[8], row[9]
+            payload = row[4]
+            if slot is not None:
+                payload = self._slots.read(int(slot), task_id, int(length), int(crc))
+                if payload is None:
+                    bad.append(task_id)
+                    continue
+            out.append(_entry(row[:4] + (payload,) + row[5:7]))
+        for task_id in bad:
+            self.corrupt_payloads += 1
+            log.error("outbox %s: the payload of task %s is missing or damaged; result dropped", self.path, task_id)
+            self.remove(task_id)
+        return out
 
     def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -313,6 +388,7 @@ class Outbox:
                 if self._hardened >= target:
                     return True
             try:
+                self._slots.fsync_dirty()  # payload files before the rows that name them
                 for path in (self._wal_path, self.path):
                     try:
                         fd = os.open(path, os.O_RDONLY)

@@ -231,7 +231,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.profile:
         import cProfile
 
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)  # CPU of the event-loop thread, not wall time
         prof.enable()
         asyncio.run(main())
         prof.disable()
