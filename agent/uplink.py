@@ -283,8 +283,11 @@ class Uplink:
 
     def _hello_fields(self) -> dict[str, Any]:
         info: HelloInfo = self.handler.hello_info()
+        # task_models: this agent takes the global model from its tasks' params (see _note_task_model),
+        # so the server need not send it a separate ``model`` when a task carries it
         fields: dict[str, Any] = {"agent": self.agent_name, "software": self.software,
-                                  "features": list(info.features), "n_samples": int(info.n_samples)}
+                                  "features": list(info.features), "n_samples": int(info.n_samples),
+                                  "task_models": 1}
         if self._last_committed is not None:
             fields["last_round"] = self._last_committed
         return fields

@@ -73,6 +73,17 @@ def proc_kb(pid: int, field: str = "VmHWM") -> int | None:
     return None
 
 
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            raw = fh.read()
+        fields = raw[raw.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def train_rounds(history: Path) -> list[tuple[int, float, float]]:
     if not history.exists():
         return []
@@ -137,6 +148,7 @@ def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Pat
                 break
             time.sleep(0.2)
         result["server_vm_hwm_kb"] = proc_kb(server.pid)
+        result["server_cpu_s"] = proc_cpu_s(server.pid)
         done = train_rounds(history)
         if len(done) < rounds:
             result["status"] = f"only {len(done)}/{rounds} rounds (server rc {server.poll()})"
@@ -167,6 +179,8 @@ def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Pat
     result["agent_vm_hwm_kb_median"] = statistics.median(rss) if rss else None
     cpu = [(r["cpu_s"] - r["cpu_s_at_start"]) / max(1, len(done)) for r in reports if "cpu_s" in r]
     result["agent_cpu_ms_per_round_median"] = 1000 * statistics.median(cpu) if cpu else None
+    if result.get("server_cpu_s") is not None and done:
+        result["server_cpu_ms_per_round"] = 1000 * result["server_cpu_s"] / len(done)
     return result
 
 
@@ -189,10 +203,15 @@ def mib(kb: int | None) -> str:
     return "-" if kb is None else f"{kb / 1024:.0f}"
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def render(results: list[dict[str, Any]], flower: dict[tuple[int, int], dict[str, Any]]) -> str:
     head = ("| N | D | codec | CURVE | fedgate round ms (median) | min-max | period ms | server RSS MiB | "
-            "agent RSS MiB (max) | Flower round ms | Flower server RSS MiB | Flower/fedgate | status |")
-    rows = [head, "|" + "---|" * 13]
+            "agent RSS MiB (max) | CPU ms/round: agent (median), server | Flower round ms | "
+            "Flower server RSS MiB | Flower/fedgate | status |")
+    rows = [head, "|" + "---|" * 14]
     for r in results:
         f = flower.get((r["n"], r["d"]), {})
         fl = f.get("round_wall_s_median")
@@ -200,7 +219,9 @@ def render(results: list[dict[str, Any]], flower: dict[tuple[int, int], dict[str
         rng = "-" if r.get("round_s_min") is None else f"{ms(r['round_s_min'])}-{ms(r['round_s_max'])}"
         rows.append(f"| {r['n']} | {r['d']:,} | {r['codec']} | {'on' if r['curve'] else 'off'} | "
                     f"{ms(r.get('round_s_median'))} | {rng} | {ms(r.get('period_s_median'))} | "
-                    f"{mib(r.get('server_vm_hwm_kb'))} | {mib(r.get('agent_vm_hwm_kb_max'))} | {ms(fl)} | "
+                    f"{mib(r.get('server_vm_hwm_kb'))} | {mib(r.get('agent_vm_hwm_kb_max'))} | "
+                    f"{_num(r.get('agent_cpu_ms_per_round_median'))}, {_num(r.get('server_cpu_ms_per_round'))} | "
+                    f"{ms(fl)} | "
                     f"{mib(f.get('server_vm_hwm_kb'))} | {ratio} | {r['status']} |")
     return "\n".join(rows)
 
