@@ -433,7 +433,7 @@ class Uplink:
     def _work(self, task: Task, payload: memoryview | None) -> OutboxEntry:
         """Worker thread: decode the global params, run the handler, encode and store."""
         t0 = time.perf_counter()
-        global_params = None if payload is None else self._encoder.decode(payload)
+        global_params = None if payload is None else self._encoder.decode(payload, check_crc=self.cfg.insecure)
         outcome = self.handler.run_task(task, global_params)
         t1 = time.perf_counter()
         entry = self._encoder.store(task, outcome, global_params)
@@ -487,7 +487,7 @@ class Uplink:
 
     def _deliver_model(self, f: dict[str, Any], payload: memoryview) -> None:
         try:
-            params = self._encoder.decode(payload)
+            params = self._encoder.decode(payload, check_crc=self.cfg.insecure)
             model = GlobalModel(round=int(f["round"]), spec=dict(f["spec"]), features=list(f["features"]),
                                 label=str(f["label"]), scaler=f.get("scaler"), params=params)
         except ProtocolError as exc:

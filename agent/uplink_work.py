@@ -40,8 +40,11 @@ class ResultEncoder:
         self._topk_state: Any = None  # codec.ErrorFeedback, kept across rounds
 
     @staticmethod
-    def decode(buf: bytes | memoryview) -> np.ndarray:
+    def decode(buf: bytes | memoryview, *, check_crc: bool = True) -> np.ndarray:
         """A codec-encoded vector from the server -> float32 array of shape (n,).
+
+        ``check_crc=False`` skips the codec's CRC-32 (lengths and fields are still
+        checked): for a CURVE link, whose Poly1305 tag already authenticates every byte.
 
         Raises
         ------
@@ -50,7 +53,7 @@ class ResultEncoder:
         """
         from fedgate.core import codec
 
-        return np.asarray(codec.decode(buf), dtype=np.float32)
+        return np.asarray(codec.decode(buf, check_crc=check_crc), dtype=np.float32)
 
     def encode_params(self, params: np.ndarray, task: Task) -> bytes:
         """``params`` (float32, shape (n,)) encoded with the task's codec."""
