@@ -43,7 +43,7 @@ from fedgate.agent.uplink_types import (
     TaskOutcome,
     UplinkConfig,
 )
-from fedgate.agent.uplink_work import ResultEncoder
+from fedgate.agent.uplink_work import ResultEncoder, TaskModels
 from fedgate.core import protocol
 from fedgate.core.errors import FedgateError, ProtocolError
 from fedgate.core.protocol import MsgType
@@ -102,10 +102,7 @@ class Uplink:
         self._refusal: dict[str, Any] | None = None
         self._last_round: int | None = None
         self._last_committed: int | None = None
-        self._model_round: int | None = None   # newest global model handed to handler.on_model
-        # (model round, task, payload) of a task carrying a newer global model than the handler has;
-        # handed to on_model once that round is committed
-        self._pending_model: tuple[int, Task, memoryview] | None = None
+        self._task_models = TaskModels()  # global models carried by tasks, handed over once committed
         self._last_contact_ts: float | None = None
         self._outbox_count = self._outbox.count()
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -283,7 +280,7 @@ class Uplink:
 
     def _hello_fields(self) -> dict[str, Any]:
         info: HelloInfo = self.handler.hello_info()
-        # task_models: this agent takes the global model from its tasks' params (see _note_task_model),
+        # task_models: this agent takes the global model from its tasks' params (see TaskModels),
         # so the server need not send it a separate ``model`` when a task carries it
         fields: dict[str, Any] = {"agent": self.agent_name, "software": self.software,
                                   "features": list(info.features), "n_samples": int(info.n_samples),
@@ -389,8 +386,7 @@ class Uplink:
         self._refusal = None
         self._registered = True
         self._last_round = int(f["round"])
-        # a restarted server may redo a round whose model a task of the old session carried
-        self._pending_model = self._model_round = None
+        self._task_models.reset()
         log.info("uplink: welcome to federation %s at round %d (heartbeat %.1fs)",
                  f["federation"], f["round"], f["heartbeat_s"])
         await self._resend_outbox()
@@ -410,7 +406,9 @@ class Uplink:
             return
         self.counters["tasks_received"] += 1
         if payload is not None:
-            self._note_task_model(task, payload)
+            got = self._task_models.from_task(task, payload, self._last_committed)
+            if got is not None:
+                self._deliver_model(*got, from_task=True)
         # the memoryview keeps its zmq frame alive; no copy of the global params here
         runner = asyncio.get_running_loop().create_task(self._run_task(task, payload))
         self._running[task.task_id] = runner
@@ -452,40 +450,22 @@ class Uplink:
     def _on_committed(self, round_: int) -> None:
         dropped = self._outbox.drop_through(round_)
         self._last_committed = round_ if self._last_committed is None else max(self._last_committed, round_)
-        pending = self._pending_model
-        if pending is not None and pending[0] <= self._last_committed:
-            self._pending_model = None
-            self._deliver_task_model(*pending)
+        got = self._task_models.committed(self._last_committed)
+        if got is not None:
+            self._deliver_model(*got, from_task=True)
         self.counters["outbox_dropped_committed"] += dropped
         log.debug("uplink: round %d committed; %d results dropped from the outbox", round_, dropped)
 
-    def _note_task_model(self, task: Task, payload: memoryview) -> None:
-        """A train task of round r carries the global model of round r - 1, an evaluate task
-        that of round r: the server sends no separate ``model`` to agents that get one, so
-        the handler receives it from here, once its round is committed."""
-        model_round = task.round - 1 if task.kind == "train" else task.round
-        if model_round < 1 or (self._model_round is not None and model_round <= self._model_round):
-            return
-        if self._last_committed is not None and model_round <= self._last_committed:
-            self._deliver_task_model(model_round, task, payload)
-        elif self._pending_model is None or model_round >= self._pending_model[0]:
-            self._pending_model = (model_round, task, payload)
-
-    def _deliver_task_model(self, model_round: int, task: Task, payload: memoryview) -> None:
-        if self._model_round is not None and model_round <= self._model_round:
-            return
-        self.counters["models_from_tasks"] += 1
-        self._deliver_model({"round": model_round, "spec": task.spec, "features": task.features,
-                             "label": task.label, "scaler": task.scaler}, payload)
-
     def _on_model(self, f: dict[str, Any], payload: memoryview | None) -> None:
         assert payload is not None  # the protocol requires it
-        pending = self._pending_model
-        if pending is not None and pending[0] <= int(f["round"]):
-            self._pending_model = None
+        self._task_models.model_message(int(f["round"]))
         self._deliver_model(f, payload)
 
-    def _deliver_model(self, f: dict[str, Any], payload: memoryview) -> None:
+    def _deliver_model(self, f: dict[str, Any], payload: memoryview, *, from_task: bool = False) -> None:
+        if from_task:
+            if not self._task_models.newer(int(f["round"])):
+                return
+            self.counters["models_from_tasks"] += 1
         try:
             params = self._encoder.decode(payload, check_crc=self.cfg.insecure)
             model = GlobalModel(round=int(f["round"]), spec=dict(f["spec"]), features=list(f["features"]),
@@ -494,7 +474,8 @@ class Uplink:
             self.counters["bad_messages"] += 1
             log.warning("uplink: model of round %s undecodable: %s", f.get("round"), exc)
             return
-        self._model_round = model.round if self._model_round is None else max(self._model_round, model.round)
+        tm = self._task_models
+        tm.delivered = model.round if tm.delivered is None else max(tm.delivered, model.round)
         try:
             self.handler.on_model(model)
         except Exception as exc:  # the handler's failure must not end the uplink

@@ -19,9 +19,59 @@ from fedgate.core import protocol
 from fedgate.core.errors import ProtocolError, TrainingError
 from fedgate.core.protocol import MsgType
 
-__all__ = ["ResultEncoder"]
+__all__ = ["ResultEncoder", "TaskModels"]
 
 log = logging.getLogger(__name__)
+
+
+ModelFields = dict[str, Any]
+
+
+class TaskModels:
+    """The global models that tasks carry, for agents that say ``task_models`` in hello.
+
+    A train task of round r carries the global model of round r - 1, an evaluate task
+    that of round r; the server then sends such an agent no separate ``model``. The
+    model goes to the handler once its round is committed (a train task of round r + 1
+    arrives before round r's ``committed``), newest only, each round once.
+    """
+
+    def __init__(self) -> None:
+        self.delivered: int | None = None                          # newest round handed over
+        self.pending: tuple[ModelFields, memoryview] | None = None  # waits for its commit
+
+    def reset(self) -> None:
+        """A new session: a restarted server may redo a round a pending model came from."""
+        self.delivered = self.pending = None
+
+    def newer(self, round_: int) -> bool:
+        return self.delivered is None or round_ > self.delivered
+
+    def from_task(self, task: Task, payload: memoryview,
+                  last_committed: int | None) -> tuple[ModelFields, memoryview] | None:
+        """The model to hand over now, if the task carries a newer, committed one."""
+        model_round = task.round - 1 if task.kind == "train" else task.round
+        if model_round < 1 or not self.newer(model_round):
+            return None
+        fields = {"round": model_round, "spec": task.spec, "features": task.features, "label": task.label,
+                  "scaler": task.scaler}
+        if last_committed is not None and model_round <= last_committed:
+            return fields, payload
+        if self.pending is None or model_round >= self.pending[0]["round"]:
+            self.pending = (fields, payload)
+        return None
+
+    def committed(self, last_committed: int) -> tuple[ModelFields, memoryview] | None:
+        """The pending model, once its round is committed."""
+        if self.pending is not None and self.pending[0]["round"] <= last_committed:
+            got, self.pending = self.pending, None
+            return got
+        return None
+
+    def model_message(self, round_: int) -> None:
+        """A ``model`` message of ``round_`` arrived: an older pending one is moot."""
+        if self.pending is not None and self.pending[0]["round"] <= round_:
+            self.pending = None
 
 
 class ResultEncoder:
