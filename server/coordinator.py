@@ -52,6 +52,29 @@ _ACK_HEAD = b'{"v":1,"type":"ack","task_id":"'
 _ACK_TAIL = {status: f'","status":"{status}"}}'.encode() for status in ("accepted", "duplicate")}
 
 
+class MetricMeans:
+    """Sample-weighted means of the metrics agents report, each over the agents that
+    reported it (an agent whose data hold one class reports no AUC; it must not count as 0).
+
+    >>> m = MetricMeans(); m.add({"loss": 1.0, "auc": 0.8}, 30); m.add({"loss": 3.0}, 10)
+    >>> m.result()
+    {'loss': 1.5, 'auc': 0.8}
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, float], n_samples: int) -> None:
+        w = float(max(n_samples, 1))
+        for key, value in metrics.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value * w
+            self._weights[key] = self._weights.get(key, 0.0) + w
+
+    def result(self) -> dict[str, float]:
+        return {k: v / self._weights[k] for k, v in self._sums.items()}
+
+
 @dataclass
 class OpenRound:
     """The round in progress (in memory; its tasks are also in the history)."""
@@ -63,8 +86,7 @@ class OpenRound:
     deadline: float
     done: dict[str, str] = field(default_factory=dict)    # task_id -> "accepted" | "rejected"
     stats: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
-    metric_sums: dict[str, float] = field(default_factory=dict)
-    weight: float = 0.0
+    metrics: MetricMeans = field(default_factory=lambda: MetricMeans())
     rows: list[tuple[str, str, int, dict[str, float]]] = field(default_factory=list)
     header: bytes = b""
     waiting_logged: float = 0.0
@@ -304,9 +326,7 @@ class Coordinator:
         self._accepted[op.kind].inc()
         n = f["n_samples"]
         op.rows.append((tid, name, n, f["metrics"]))
-        for key, value in f["metrics"].items():
-            op.metric_sums[key] = op.metric_sums.get(key, 0.0) + value * max(n, 1)
-        op.weight += max(n, 1)
+        op.metrics.add(f["metrics"], n)
         self._ack(rid, tid, "accepted")
         if len(op.done) == len(op.tasks):
             self._close(now)
@@ -514,7 +534,7 @@ class Coordinator:
 
     def _record(self, op: OpenRound, epsilon: float | None) -> None:
         h = self.history
-        metrics = {k: v / op.weight for k, v in op.metric_sums.items()} if op.weight else {}
+        metrics = op.metrics.result()
         h.add_round(op.round, op.kind.value, started=time.time() - (self.clock() - op.started),
                     finished=time.time(), n_sampled=len(op.tasks), n_accepted=op.accepted,
                     n_rejected=len(op.done) - op.accepted, metrics=metrics, epsilon=epsilon)
@@ -575,16 +595,12 @@ class Coordinator:
             done = self.history.db.execute(
                 "SELECT n_samples, metrics FROM agent_metrics WHERE round = ? AND kind = 'evaluate'", (rnd,)
             ).fetchall()
-            sums: dict[str, float] = {}
-            total = 0.0
+            means = MetricMeans()
             for n, text in done:
-                w = max(int(n or 0), 1)
-                total += w
-                for k, v in json.loads(text).items():
-                    sums[k] = sums.get(k, 0.0) + v * w
+                means.add(json.loads(text), int(n or 0))
             self.history.add_round(rnd, TaskKind.EVALUATE.value, started=time.time(), finished=time.time(),
                                    n_sampled=len(done), n_accepted=len(done), n_rejected=0,
-                                   metrics={k: v / total for k, v in sums.items()}, epsilon=None)
+                                   metrics=means.result(), epsilon=None)
 
     # ================================================================ reports
     def status(self) -> dict[str, Any]:
