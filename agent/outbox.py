@@ -138,6 +138,8 @@ class Outbox:
         self._lock = threading.Lock()
         self._hlock = threading.Lock()          # guards the hardening state below
         self._sync_lock = threading.Lock()      # one fsync pass at a time
+        self._sync_fds: dict[Path, int] = {}    # see _sync_fd: never closed before close()
+        self._stale_fds: list[int] = []
         self._wake = threading.Condition(self._hlock)
         self._written = 1                       # writes committed so far (the schema is the first)
         self._hardened = 0                      # writes known to be on stable storage
@@ -288,6 +290,11 @@ class Outbox:
             if self._db is not None:
                 self._db.close()
                 self._db = None  # type: ignore[assignment]
+        with self._sync_lock:
+            for fd in [*self._sync_fds.values(), *self._stale_fds]:
+                os.close(fd)
+            self._sync_fds.clear()
+            self._stale_fds.clear()
 
     # -- internals ----------------------------------------------------------------
     def _write(self, sql: str, args: tuple[Any, ...], nbytes: int, *, harden: bool = True,
@@ -390,14 +397,9 @@ class Outbox:
             try:
                 self._slots.fsync_dirty()  # payload files before the rows that name them
                 for path in (self._wal_path, self.path):
-                    try:
-                        fd = os.open(path, os.O_RDONLY)
-                    except FileNotFoundError:
-                        continue  # no WAL: everything is in the (synced) database file
-                    try:
+                    fd = self._sync_fd(path)
+                    if fd is not None:
                         os.fsync(fd)
-                    finally:
-                        os.close(fd)
             except OSError as exc:
                 self.harden_errors += 1
                 log.error("outbox %s: fsync failed (results stay in the OS cache, retried): %s", self.path, exc)
@@ -407,6 +409,28 @@ class Outbox:
                 self._hardened = max(self._hardened, target)
                 self._wake.notify_all()
             return True
+
+    def _sync_fd(self, path: Path) -> int | None:
+        """A descriptor of ``path`` to fsync through, opened once and kept open.
+
+        Closing any descriptor of a file drops every POSIX lock this process holds on
+        it, SQLite's included: another process would then think the database idle and
+        delete its WAL under our connections. So descriptors are only ever closed by
+        :meth:`close`, after the connections; a WAL file that was replaced (new inode)
+        gets a new descriptor and the stale one waits for :meth:`close` too.
+        """
+        try:
+            ino = os.stat(path).st_ino
+        except FileNotFoundError:
+            return None  # no WAL: everything is in the (synced) database file
+        fd = self._sync_fds.get(path)
+        if fd is not None and os.fstat(fd).st_ino == ino:
+            return fd
+        if fd is not None:
+            self._stale_fds.append(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._sync_fds[path] = fd
+        return fd
 
     def _maybe_checkpoint(self, ckpt: list[sqlite3.Connection], target: int) -> None:
         """Move the WAL into the database (PASSIVE: never waits for the uplink's writes).
