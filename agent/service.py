@@ -372,4 +372,7 @@ def check_keys(cfg: AgentConfig) -> None:
 def run_agent(config_path: str | os.PathLike[str]) -> int:
     """Run the daemon until SIGTERM; the process exit status."""
     setup_logging("INFO")
+    from fedgate.agent import malloc
+
+    malloc.tune()
     return asyncio.run(AgentService(Path(config_path)).run())

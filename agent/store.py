@@ -31,7 +31,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,6 +282,54 @@ class Store:
         finally:
             conn.close()
         return ids[:i], ts[:i]
+
+    def index_chunks(self, features: Sequence[str], *, labelled: bool = True,
+                     chunk_rows: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, ts)`` (int64 (k,), float64 (k,)) of :meth:`sample_index`'s rows, ``chunk_rows`` at a time.
+
+        One read snapshot per iteration; O(chunk_rows) memory whatever the history size.
+        """
+        conn = open_connection(self.path)
+        try:
+            conn.execute("BEGIN")
+            usable, _ = self._usable(conn, features)
+            if usable:
+                where, args = self._where(usable, labelled)
+                cur = conn.execute(f"SELECT id, ts FROM agent_samples WHERE {where} ORDER BY id", args)
+                while chunk := cur.fetchmany(chunk_rows):
+                    yield (np.fromiter((r[0] for r in chunk), np.int64, len(chunk)),
+                           np.fromiter((r[1] for r in chunk), np.float64, len(chunk)))
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: reading samples failed: {exc}") from exc
+        finally:
+            conn.close()
+
+    def block_ranges(self, features: Sequence[str], *, labelled: bool = True,
+                     block_rows: int = 2048) -> list[tuple[int, int]]:
+        """Inclusive id ranges of ``block_rows`` rows each covering :meth:`load_samples`'s rows.
+
+        Streams the ids, so it needs O(n / block_rows) memory (not the O(n) of
+        :meth:`sample_index`) when no split by time is wanted.
+        """
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, not {block_rows}")
+        conn = open_connection(self.path)
+        out: list[tuple[int, int]] = []
+        try:
+            conn.execute("BEGIN")
+            usable, _ = self._usable(conn, features)
+            if usable:
+                where, args = self._where(usable, labelled)
+                cur = conn.execute(f"SELECT id FROM agent_samples WHERE {where} ORDER BY id", args)
+                while chunk := cur.fetchmany(block_rows):
+                    out.append((int(chunk[0][0]), int(chunk[-1][0])))
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: reading samples failed: {exc}") from exc
+        finally:
+            conn.close()
+        return out
 
     @staticmethod
     def _usable(conn: sqlite3.Connection, features: Sequence[str]) -> tuple[dict[int, np.ndarray], dict[int, list[str]]]:

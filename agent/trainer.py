@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from fedgate.agent import malloc
 from fedgate.agent.config import SamplesConfig
 from fedgate.agent.evaluation import accuracy, f1_score, mean_absolute_error, r2_score, roc_auc
 from fedgate.agent.store import Store
@@ -194,115 +195,6 @@ def _blocks(ids: np.ndarray, lo: int, hi: int, block_rows: int) -> list[tuple[in
     return [(int(ids[i]), int(ids[min(i + block_rows, hi) - 1])) for i in range(lo, hi, block_rows)]
 
 
-class TrainerState:
-    """What ``status`` shows about the federation side."""
-
-    last_round: int | None = None
-    last_kind: str | None = None
-    last_task_ts: float | None = None
-    last_metrics: dict[str, float] = field(default_factory=dict)
-    model_round: int | None = None
-    model_ts: float | None = None
-    tasks_done: int = 0
-    tasks_failed: int = 0
-
-
-def feature_stats(x: np.ndarray, *, chunk_rows: int = 8192) -> tuple[int, np.ndarray, np.ndarray]:
-    """``(count, mean, m2)`` of the columns of ``x`` (n, F); mean and m2 float64 (F,).
-
-    Two passes over row chunks in float64, so memory stays O(chunk) whatever ``n``.
-    """
-    n, f = int(x.shape[0]), int(x.shape[1])
-    if n == 0:
-        return 0, np.zeros(f), np.zeros(f)
-    mean = np.zeros(f)
-    for i in range(0, n, chunk_rows):
-        mean += x[i:i + chunk_rows].sum(axis=0, dtype=np.float64)
-    mean /= n
-    m2 = np.zeros(f)
-    for i in range(0, n, chunk_rows):
-        dev = x[i:i + chunk_rows].astype(np.float64) - mean
-        m2 += np.einsum("ij,ij->j", dev, dev)
-    return n, mean, m2
-
-
-def scale_features(x: np.ndarray, scaler: dict[str, Any] | None, *, inplace: bool = False) -> np.ndarray:
-    """``(x - mean) / std`` with the federation's scaler; float32 (n, F).
-
-    A standard deviation of 0 (a constant feature) divides by 1. ``inplace`` reuses
-    ``x`` (float32, C-contiguous) instead of allocating a copy.
-    """
-    if inplace and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable:
-        out = x
-    else:
-        out = np.array(x, dtype=np.float32, order="C")
-    if scaler is None:
-        return out
-    mean = np.asarray(scaler.get("mean"), dtype=np.float32)
-    std = np.asarray(scaler.get("std"), dtype=np.float32)
-    if mean.shape != (out.shape[1],) or std.shape != (out.shape[1],):
-        raise TrainingError(f"the scaler has {mean.size}/{std.size} entries for {out.shape[1]} features")
-    std = np.where(np.isfinite(std) & (std > 0), std, np.float32(1.0))
-    out -= mean
-    out /= std
-    return out
-
-
-def split_holdout(ts: np.ndarray, val_fraction: float, gap_s: float, *, min_rows: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``(train, val)`` of time-ordered rows: the newest ``val_fraction`` is held out.
-
-    Training rows ending less than ``gap_s`` before the first held-out row are dropped
-    (their label window or feature window overlaps the held-out period). With fewer
-    than ``min_rows`` rows nothing is held out.
-    """
-    n = int(ts.shape[0])
-    n_val = int(round(n * val_fraction)) if n >= min_rows and val_fraction > 0 else 0
-    if n_val == 0:
-        return np.arange(n), np.arange(0)
-    first_val = n - n_val
-    t_val = ts[first_val]
-    train = np.flatnonzero(ts[:first_val] <= t_val - gap_s - 1e-9)
-    return train, np.arange(first_val, n)
-
-
-def _targets(spec: Any, y: np.ndarray) -> np.ndarray | None:
-    from fedgate.core.model import ModelKind
-
-    if spec.kind is ModelKind.AUTOENCODER:
-        return None
-    if spec.is_classifier:
-        if spec.n_outputs == 1:
-            return (y > 0.5).astype(np.int64)
-        return np.clip(np.rint(y), 0, spec.n_outputs - 1).astype(np.int64)
-    return y.astype(np.float64)
-
-
-def score_model(model: Any, x: np.ndarray, y: np.ndarray | None, *, prefix: str = "") -> dict[str, float]:
-    """Loss and the kind's metrics of ``model`` on scaled ``x`` (n, F) and targets ``y``."""
-    from fedgate.core.model import ModelKind
-
-    if x.shape[0] == 0:
-        return {}
-    spec = model.spec
-    out = {f"{prefix}loss": model.loss(x, y)}
-    if spec.kind is ModelKind.AUTOENCODER:
-        pass
-    elif spec.is_classifier:
-        assert y is not None
-        proba = model.predict_proba(x)
-        pred = proba.argmax(axis=1)
-        out[f"{prefix}accuracy"] = accuracy(y, pred)
-        out[f"{prefix}f1"] = f1_score(y, pred, n_classes=max(2, spec.n_outputs))
-        if proba.shape[1] == 2:
-            out[f"{prefix}roc_auc"] = roc_auc(y, proba[:, 1])
-    else:
-        assert y is not None
-        pred = model.predict(x)
-        out[f"{prefix}mae"] = mean_absolute_error(y, pred)
-        out[f"{prefix}r2"] = r2_score(y, pred)
-    return {k: float(v) for k, v in out.items() if np.isfinite(v)}
-
-
 class Trainer:
     """Runs the server's tasks on the local store (implements the uplink's TaskHandler).
 
@@ -312,7 +204,7 @@ class Trainer:
 
     def __init__(self, store: Store, samples: SamplesConfig, *, val_fraction: float = 0.2,
                  on_global_model: Callable[[Any], None] | None = None, seed: int = 0,
-                 block_rows: int = 8192) -> None:
+                 block_rows: int = 2048) -> None:
         self.block_rows = block_rows
         self.store = store
         self.samples = samples
@@ -358,6 +250,8 @@ class Trainer:
             except Exception:
                 self.state.tasks_failed += 1
                 raise
+            finally:
+                malloc.trim()  # the blocks are gone: hand their pages back before the next task
             self.state.tasks_done += 1
             self.state.last_round = int(task.round)
             self.state.last_kind = str(task.kind)
@@ -403,6 +297,47 @@ class Trainer:
         data = self.store.load_samples(task.features, labelled=True, id_range=rng)
         return scale_features(data.x, task.scaler, inplace=True), _targets(spec, data.y)
 
+    def _plan(self, features: Sequence[str], gap_s: float) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int, int]:
+        """``(train_blocks, val_blocks, n_train, n_val)``: :func:`split_holdout` in streaming passes.
+
+        The index is scanned chunk by chunk (O(block) memory) instead of being held as
+        O(n) arrays: one pass counts, one finds the first held-out time, one counts the
+        training rows before it and one cuts the blocks.
+        """
+        chunks = lambda: self.store.index_chunks(features, labelled=True, chunk_rows=self.block_rows)  # noqa: E731
+        n = sum(int(ids.size) for ids, _ in chunks())
+        if n == 0:
+            raise TrainingError("no labelled samples stored yet")
+        n_val = int(round(n * self.val_fraction)) if n >= 10 and self.val_fraction > 0 else 0
+        first_val = n - n_val
+        n_train = n
+        if n_val:
+            pos, cutoff = 0, None
+            for _, ts in chunks():
+                if pos + ts.size > first_val:
+                    cutoff = float(ts[first_val - pos]) - gap_s - 1e-9
+                    break
+                pos += int(ts.size)
+            n_train, pos = 0, 0
+            for _, ts in chunks():
+                k = min(int(ts.size), first_val - pos)
+                if k <= 0:
+                    break
+                n_train += int(np.count_nonzero(ts[:k] <= cutoff))
+                pos += k
+        if n_train == 0:
+            raise TrainingError(f"too few samples to train ({n} stored)")
+        train_blocks: list[tuple[int, int]] = []
+        val_blocks: list[tuple[int, int]] = []
+        pos = 0
+        for ids, _ in chunks():  # chunks are block_rows long, so blocks are cut inside a chunk
+            for lo, hi, out in ((0, n_train, train_blocks), (first_val, n, val_blocks)):
+                a, b = max(lo, pos), min(hi, pos + int(ids.size))
+                if a < b:
+                    out.extend(_blocks(ids, a - pos, b - pos, self.block_rows))
+            pos += int(ids.size)
+        return train_blocks, val_blocks, n_train, n_val
+
     def _score(self, model: Any, task: Task, blocks: list[tuple[int, int]], prefix: str = "",
                loss_only: bool = False) -> dict[str, float]:
         sc = _Scores(model, loss_only=loss_only)
@@ -419,15 +354,8 @@ class Trainer:
         """
         self._check_label(task)
         model = self._model(task, global_params)
-        ids, ts = self.store.sample_index(task.features, labelled=True)
-        if ids.size == 0:
-            raise TrainingError("no labelled samples stored yet")
         gap = self.samples.window_s + (self.samples.label.horizon_s if self.samples.label else 0.0)
-        train, val = split_holdout(ts, self.val_fraction, gap)
-        if train.size == 0:
-            raise TrainingError(f"too few samples to train ({ids.size} stored)")
-        train_blocks = _blocks(ids, 0, int(train.size), self.block_rows)
-        val_blocks = _blocks(ids, int(val[0]), int(ids.size), self.block_rows) if val.size else []
+        train_blocks, val_blocks, n_train, n_val = self._plan(task.features, gap)
         hyper = dict(task.hyper)
         prox_mu = float(hyper.get("prox_mu", 0.0) or 0.0)
         reference = None
@@ -452,9 +380,9 @@ class Trainer:
             raise TrainingError(f"the task's hyper-parameters are invalid: {exc}") from exc
         metrics = self._score(model, task, train_blocks, loss_only=True)
         metrics.update(self._score(model, task, val_blocks, prefix="val_"))
-        metrics["n_train"] = float(train.size)
-        metrics["n_val"] = float(val.size)
-        return TaskOutcome(n_samples=int(train.size), metrics=metrics, params=model.params)
+        metrics["n_train"] = float(n_train)
+        metrics["n_val"] = float(n_val)
+        return TaskOutcome(n_samples=n_train, metrics=metrics, params=model.params)
 
     def _evaluate(self, task: Task, global_params: np.ndarray | None) -> TaskOutcome:
         self._check_label(task)
@@ -464,18 +392,20 @@ class Trainer:
                 raise TrainingError("no global model to evaluate")
             global_params = stored.params
         model = self._model(task, global_params)
-        ids, _ = self.store.sample_index(task.features, labelled=True)
-        if ids.size == 0:
+        blocks = self.store.block_ranges(task.features, labelled=True, block_rows=self.block_rows)
+        if not blocks:
             raise TrainingError("no labelled samples stored yet")
-        metrics = self._score(model, task, _blocks(ids, 0, int(ids.size), self.block_rows))
-        return TaskOutcome(n_samples=int(ids.size), metrics=metrics)
+        sc = _Scores(model)
+        for rng in blocks:
+            x, y = self._block(task, rng, model.spec)
+            sc.add(x, y)
+        return TaskOutcome(n_samples=sc.n, metrics=sc.metrics())
 
     def _statistics(self, task: Task) -> TaskOutcome:
         """Chan's parallel merge of per-block count/mean/M2, in float64."""
-        ids, _ = self.store.sample_index(task.features, labelled=False)
         f = len(task.features)
         count, mean, m2 = 0, np.zeros(f), np.zeros(f)
-        for rng in _blocks(ids, 0, int(ids.size), self.block_rows):
+        for rng in self.store.block_ranges(task.features, labelled=False, block_rows=self.block_rows):
             data = self.store.load_samples(task.features, labelled=False, id_range=rng)
             nb, mb, m2b = feature_stats(data.x)
             if nb == 0:

@@ -36,6 +36,22 @@ import psutil
 BIN = Path(sys.executable).parent
 N_FEATURES = 20
 BASELINE_IMPORT = "import numpy, zmq, pymodbus"
+UNIT = Path(__file__).resolve().parent.parent / "deploy" / "fedgate-agent.service"
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The ``Environment=`` settings of the systemd unit, so the agent runs as it would there.
+
+    ``PYTHONDONTWRITEBYTECODE`` is left out: the unit relies on byte code compiled at
+    install time, here Python writes it on the first start (the READY median absorbs it).
+    """
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            key, _, value = line[len("Environment="):].partition("=")
+            if key != "PYTHONDONTWRITEBYTECODE":
+                env[key] = value
+    return env
 
 
 def _free_port() -> int:
@@ -119,7 +135,7 @@ class Agent:
 
     def start(self) -> float:
         """Start; return seconds from exec to READY=1."""
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.sock_path))
+        env = dict(os.environ, **unit_environment(), NOTIFY_SOCKET=str(self.sock_path))
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([str(BIN / "fedgate-agent"), "run", "--config", str(self.config)], env=env,
                                      stdout=subprocess.DEVNULL, stderr=open(self.tmp / "agent.log", "ab"))
@@ -300,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, ours, theirs, what, target in rows:
         ratio = ours / theirs if theirs else float("inf")
         print(f"{name:36} {ours:10.3f} {theirs:10.3f} {ratio:7.2f}  {target:7}  {what}")
+    print("agent environment from deploy/fedgate-agent.service: "
+          + " ".join(f"{k}={v}" for k, v in sorted(unit_environment().items())))
     print(f"statistics + train round over {args.rows} samples (server start -> committed): {med['round_s']:.2f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "median": med, "baseline_ready_s": b_ready,
