@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,7 +304,9 @@ class Trainer:
         O(n) arrays: one pass counts, one finds the first held-out time, one counts the
         training rows before it and one cuts the blocks.
         """
-        chunks = lambda: self.store.index_chunks(features, labelled=True, chunk_rows=self.block_rows)  # noqa: E731
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            return self.store.index_chunks(features, labelled=True, chunk_rows=self.block_rows)
+
         n = sum(int(ids.size) for ids, _ in chunks())
         if n == 0:
             raise TrainingError("no labelled samples stored yet")
