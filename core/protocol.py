@@ -332,6 +332,7 @@ _SCHEMA: dict[MsgType, dict[str, tuple[Checker, bool]]] = {
         "features": (_FEATURES, True),
         "n_samples": (_int(), True),
         "last_round": (_int(), False),
+        "task_models": (_int(0, 1), False),
     },
     MsgType.RESULT: {
         "agent": (_AGENT, True),

@@ -90,6 +90,7 @@ class OpenRound:
     rows: list[tuple[str, str, int, dict[str, float]]] = field(default_factory=list)
     header: bytes = b""
     waiting_logged: float = 0.0
+    unsent: dict[str, str] = field(default_factory=dict)  # task_id -> agent: send failed, retried by tick
 
     @property
     def accepted(self) -> int:
@@ -121,6 +122,7 @@ class Coordinator:
         self.have_model = False      # a train round has been committed
         self.open: OpenRound | None = None
         self.eval_seen: set[str] = set()
+        self.task_models: set[str] = set()   # agents that take the global model from their tasks (hello)
         self.eval_rows: list[tuple[str, int, str, int, dict[str, float]]] = []
         self.fatal: StoreError | None = None
         self.writer = CheckpointWriter(checkpoints)
@@ -269,6 +271,10 @@ class Coordinator:
                            + ", ".join(missing)}))
             return
         self.registry.register(name, rid, software=f["software"], n_samples=f["n_samples"], now=now)
+        if f.get("task_models"):
+            self.task_models.add(name)
+        else:
+            self.task_models.discard(name)
         self.history.upsert_agent(name, software=f["software"], n_samples=f["n_samples"], state="ready")
         self.metrics.agents_connected.set(self.registry.n_alive())
         log.info("agent %s registered (%s, %d samples)", name, f["software"], f["n_samples"])
@@ -391,6 +397,8 @@ class Coordinator:
         if self.eval_rows:
             self._flush_evaluations()
         op = self.open
+        if op is not None and op.unsent:
+            self._retry_unsent(op)
         if op is None:
             self._maybe_start(now)
         elif now >= op.deadline:
@@ -449,7 +457,22 @@ class Coordinator:
     def _send_task(self, op: OpenRound, tid: str, rid: bytes, header: bytes | None = None) -> None:
         head = (header or op.header).replace(_TID_MARK, b'"task_id":"' + tid.encode("ascii") + b'"', 1)
         frames: list[Any] = [head] if op.kind is TaskKind.STATISTICS else [head, self._payload]
-        self.send(rid, frames)
+        sent = self.send(rid, frames)
+        agent = op.tasks.get(tid)
+        if agent is not None:  # a task of the open round (evaluate tasks are not retried)
+            if sent:
+                op.unsent.pop(tid, None)
+            else:
+                op.unsent[tid] = agent
+
+    def _retry_unsent(self, op: OpenRound) -> None:
+        """Send again the tasks whose send failed (the agent's queue was full)."""
+        for tid, name in list(op.unsent.items()):
+            agent = self.registry.get(name)
+            if tid in op.done or agent is None:
+                op.unsent.pop(tid, None)
+                continue
+            self._send_task(op, tid, agent.routing_id)
 
     def _deadline(self, op: OpenRound, now: float) -> None:
         if op.accepted >= self.fed.min_agents:
@@ -575,8 +598,7 @@ class Coordinator:
             self.send(agent.routing_id, committed)
         if op.kind is not TaskKind.TRAIN:
             return
-        for agent in alive:
-            self.send(agent.routing_id, self._model_frames)
+        self._publish_model(op, alive)
         if self.fed.evaluate and alive:
             tasks = {new_task_id(): a for a in alive}
             self.history.add_tasks(TaskRow(tid, op.round, TaskKind.EVALUATE.value, a.name, time.time(), "issued")
@@ -585,6 +607,30 @@ class Coordinator:
             ev = OpenRound(op.round, TaskKind.EVALUATE, {}, op.started, op.deadline)
             for tid, a in tasks.items():
                 self._send_task(ev, tid, a.routing_id, header)
+
+    def _publish_model(self, op: OpenRound, alive: list[Any]) -> None:
+        """Send ``model`` to the live agents that do not get this round's model with a task.
+
+        A train task of round r + 1 carries the global model of round r (and is sent
+        before round r's checkpoint is durable); an evaluate task of round r carries it
+        too. Agents that said ``task_models`` in their hello take the model from such a
+        task once ``committed`` for its round arrives, so sending them ``model`` as well
+        would only double the downlink.
+        When a later round is already aggregated in memory, its own broadcast sends
+        the newer model once that round is durable; nothing is sent for this one.
+        """
+        if self.committed != op.round:
+            return
+        carried: set[str] = set()
+        if self.fed.evaluate:
+            carried = {a.name for a in alive}  # each gets an evaluate task carrying this model next
+        else:
+            nxt = self.open
+            if nxt is not None and nxt.kind is TaskKind.TRAIN and nxt.round == op.round + 1:
+                carried = set(nxt.tasks.values())
+        for agent in alive:
+            if agent.name not in carried or agent.name not in self.task_models:
+                self.send(agent.routing_id, self._model_frames)
 
     def _flush_evaluations(self) -> None:
         rows, self.eval_rows = self.eval_rows, []

@@ -139,6 +139,7 @@ class Transport:
         self.monitor: zmq.Socket | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self.sends_dropped = {"queue_full": 0, "unreachable": 0}  # messages not sent (never blocks)
         try:
             self._open(bind, secret_key_path)
         except BaseException:
@@ -274,10 +275,13 @@ class Transport:
                 else:
                     sock.send(frame, flags)
         except zmq.Again:
+            self.sends_dropped["queue_full"] += 1
             log.debug("send queue of peer %s full, message dropped", routing_id.hex())
             return False
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
+                self.sends_dropped["unreachable"] += 1
+                log.debug("peer %s is gone, message dropped", routing_id.hex())
                 return False
             raise
         self.bytes_out += nbytes
