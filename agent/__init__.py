@@ -5,8 +5,8 @@ pay for numpy, pymodbus or zmq.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedgate.core.lazy import lazy_exports
+
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
@@ -36,17 +36,4 @@ _LAZY: dict[str, str] = {
     "run_agent": "fedgate.agent.service",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fedgate.agent' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -8,8 +8,8 @@ Public names are loaded lazily (PEP 562)::
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedgate.core.lazy import lazy_exports
+
 
 _LAZY: dict[str, str] = {
     "ServerConfig": "fedgate.server.config",
@@ -31,17 +31,4 @@ _LAZY: dict[str, str] = {
     "UpdateValidator": "fedgate.server.validate",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fedgate.server' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

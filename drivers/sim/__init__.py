@@ -13,8 +13,8 @@ plant model nor the Modbus server.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedgate.core.lazy import lazy_exports
+
 
 _LAZY: dict[str, str] = {
     "PtyLink": "fedgate.drivers.sim.ptylink",
@@ -35,17 +35,4 @@ _LAZY: dict[str, str] = {
     "nmea_checksum": "fedgate.drivers.sim.sensor",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fedgate.drivers.sim' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
