@@ -140,15 +140,28 @@ def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Pat
                 wd / f"{name}.log"))
         history = wd / "server" / "history.db"
         done: list[tuple[int, float, float]] = []
+        cpu_warm: tuple[int, float | None, list[float | None]] | None = None  # after the warm-up round
         while time.perf_counter() - t0 < timeout_s:
             if server.poll() is not None:
                 break
             done = train_rounds(history)
+            if cpu_warm is None and done:
+                cpu_warm = (len(done), proc_cpu_s(server.pid), [proc_cpu_s(a.pid) for a in agents])
             if len(done) >= rounds:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         result["server_vm_hwm_kb"] = proc_kb(server.pid)
-        result["server_cpu_s"] = proc_cpu_s(server.pid)
+        cpu_end = (proc_cpu_s(server.pid), [proc_cpu_s(a.pid) for a in agents])
+        done = train_rounds(history)
+        if cpu_warm is not None and len(done) > cpu_warm[0]:
+            # CPU per round after the warm-up (start-up and connecting excluded); the sample
+            # lags a round end by up to 50 ms, so this is a mean over the later rounds
+            k = len(done) - cpu_warm[0]
+            if cpu_warm[1] is not None and cpu_end[0] is not None:
+                result["server_cpu_ms_per_round"] = 1000 * (cpu_end[0] - cpu_warm[1]) / k
+            per = [1000 * (b - a) / k for a, b in zip(cpu_warm[2], cpu_end[1]) if a is not None and b is not None]
+            result["agent_cpu_ms_per_round_median"] = statistics.median(per) if per else None
+            result["agent_cpu_ms_per_round_total"] = sum(per) if per else None
         done = train_rounds(history)
         if len(done) < rounds:
             result["status"] = f"only {len(done)}/{rounds} rounds (server rc {server.poll()})"
@@ -177,10 +190,6 @@ def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Pat
     result["agents_reported"] = len(reports)
     result["agent_vm_hwm_kb_max"] = max(rss) if rss else None
     result["agent_vm_hwm_kb_median"] = statistics.median(rss) if rss else None
-    cpu = [(r["cpu_s"] - r["cpu_s_at_start"]) / max(1, len(done)) for r in reports if "cpu_s" in r]
-    result["agent_cpu_ms_per_round_median"] = 1000 * statistics.median(cpu) if cpu else None
-    if result.get("server_cpu_s") is not None and done:
-        result["server_cpu_ms_per_round"] = 1000 * result["server_cpu_s"] / len(done)
     return result
 
 
