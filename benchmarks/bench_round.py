@@ -100,7 +100,8 @@ def train_rounds(history: Path) -> list[tuple[int, float, float]]:
 
 
 def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Path, timeout_s: float,
-              state_dir: Path | None = None, profile: bool = False) -> dict[str, Any]:
+              state_dir: Path | None = None, profile: bool = False,
+              profile_server: bool = False) -> dict[str, Any]:
     tag = f"n{n}_d{d}_{codec}_{'curve' if curve else 'plain'}"
     wd = workdir / tag
     wd.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,11 @@ def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Pat
     cfg = fedtools.write_toml(wd / "server.toml", {"server": server_cfg, "federation": fed,
                                                    "strategy": {"name": "fedavg", "max_update_norm": 1e9}})
     result: dict[str, Any] = {"n": n, "d": d, "d_exact": d_exact, "codec": codec, "curve": curve, "status": "ok"}
-    server = fedtools.spawn(fedtools.server_command(cfg), wd / "server.log")
+    server_cmd = fedtools.server_command(cfg)
+    if profile_server:  # the same daemon under cProfile (written when it exits on SIGTERM)
+        server_cmd = [sys.executable, "-m", "cProfile", "-o", str(wd / "server.prof"), "-m", "fedgate.server.cli",
+                      *server_cmd[-3:]]
+    server = fedtools.spawn(server_cmd, wd / "server.log")
     agents = []
     t0 = time.perf_counter()
     try:
@@ -251,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                          "all agents fsync to the same disk, which real gateways do not")
     ap.add_argument("--profile-agent", action="store_true",
                     help="run the first agent of each point under cProfile (WORKDIR/POINT/gw000.prof)")
+    ap.add_argument("--profile-server", action="store_true",
+                    help="run the server under cProfile (WORKDIR/POINT/server.prof)")
     args = ap.parse_args(argv)
     configs = args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
     rounds = 5 if args.quick and args.rounds == 11 else args.rounds
@@ -263,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             for curve in curves:
                 print(f"fedgate N={n} D={d} codec={codec} curve={curve} ...", flush=True)
                 r = run_point(n, d, codec, curve == "on", rounds, workdir, args.timeout,
-                              Path(args.agent_state_dir) if args.agent_state_dir else None, args.profile_agent)
+                              Path(args.agent_state_dir) if args.agent_state_dir else None, args.profile_agent,
+                              args.profile_server)
                 r["agent_state"] = args.agent_state_dir or "disk"
                 print(json.dumps(r), flush=True)
                 results.append(r)
