@@ -360,7 +360,11 @@ def decode(
             and out.flags.c_contiguous
             and out.flags.writeable
         ):
-            raise ProtocolError(f"out must be a writable C-contiguous float32 array of {head.count} values")
+            got = (f"{out.dtype} {out.shape}, c_contiguous={out.flags.c_contiguous}, writeable={out.flags.writeable}"
+                   if isinstance(out, np.ndarray) else type(out).__name__)
+            raise ProtocolError(
+                f"out must be a writable C-contiguous float32 array of {head.count} values, got {got}"
+            )
         if head.codec is Codec.TOPK:
             out.fill(0.0)
     c = head.codec

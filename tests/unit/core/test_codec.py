@@ -351,3 +351,39 @@ def test_skipping_the_crc_still_checks_everything_else():
     for cut in range(len(buf)):
         with pytest.raises(ProtocolError):
             codec.decode(buf[:cut], check_crc=False)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.empty(100, dtype=np.float64), r"got float64 \(100,\)"),
+        (np.empty(101, dtype=np.float32), r"got float32 \(101,\)"),
+        (np.empty((10, 10), dtype=np.float32), r"got float32 \(10, 10\)"),
+        (np.empty(200, dtype=np.float32)[::2], "c_contiguous=False"),
+        ([0.0] * 100, "got list"),
+    ],
+)
+def test_decode_out_of_the_wrong_kind_is_refused_untouched(bad, match):
+    buf = codec.encode(np.arange(100, dtype=np.float32), "q8")
+    before = bad.copy() if isinstance(bad, np.ndarray) else None
+    with pytest.raises(ProtocolError, match=match):
+        codec.decode(buf, out=bad)
+    if before is not None:
+        np.testing.assert_array_equal(bad, before)
+
+
+def test_decode_out_read_only_is_refused():
+    ro = np.zeros(100, dtype=np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ProtocolError, match="writeable=False"):
+        codec.decode(codec.encode(np.ones(100, dtype=np.float32), "f16"), out=ro)
+
+
+@pytest.mark.parametrize("name", ["f32", "f16", "q8", "topk"])
+def test_decode_into_a_reused_out_matches_a_fresh_decode(name):
+    rng = np.random.default_rng(3)
+    out = np.full(1000, np.nan, dtype=np.float32)
+    for _ in range(3):
+        buf = codec.encode(rng.normal(size=1000).astype(np.float32), name, k=0.05)
+        assert codec.decode(buf, out=out) is out
+        np.testing.assert_array_equal(out, codec.decode(buf))
