@@ -2,13 +2,19 @@
 
 :class:`ResultEncoder` turns a handler's :class:`TaskOutcome` into the ``result``
 header fields and codec-encoded payload, validates them exactly as the wire encoder
-will, and writes them to the outbox (fsynced) before the uplink sends anything. It
-keeps the top-k codec's error-feedback state of this agent from round to round.
+will, and writes them to the outbox (fsynced) before the uplink sends anything.
+
+With the ``topk`` codec a train result carries the *update*, not the parameters: the
+difference new local parameters - global parameters of the task, plus what earlier
+rounds left out (error feedback, :class:`TopkFeedback`), of which the k largest
+magnitudes are sent with the codec's DELTA flag; the server adds its global model
+back before it validates and aggregates.
 """
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -19,7 +25,7 @@ from fedgate.core import protocol
 from fedgate.core.errors import ProtocolError, TrainingError
 from fedgate.core.protocol import MsgType
 
-__all__ = ["ResultEncoder", "TaskModels"]
+__all__ = ["ResultEncoder", "TaskModels", "TopkFeedback"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,52 @@ class TaskModels:
             self.pending = None
 
 
+class TopkFeedback:
+    """The top-k error-feedback residual of one agent, bound to the round it serves.
+
+    ``state(round, dim)`` returns the :class:`~fedgate.core.codec.ErrorFeedback` to
+    encode the update of ``round`` with. It keeps a copy of the residual as it was
+    before the newest round, so that a round run again (a restarted server re-issues
+    the round whose result it lost) starts from the same residual instead of counting
+    the first attempt's unsent part twice. The residual is reset to zero when the
+    model size changes or the round goes back further (the server resumed from an
+    older checkpoint): dropping residual mass only delays small coordinates, applying
+    it twice would move the model.
+
+    Not thread-safe; :class:`ResultEncoder` serialises access.
+    """
+
+    def __init__(self) -> None:
+        self.round: int | None = None  # the round the residual was last used for
+        self.ef: Any = None            # codec.ErrorFeedback: the residual after that round
+        self._before: np.ndarray | None = None  # float32 (dim,): the residual before it
+
+    def state(self, round_: int, dim: int) -> Any:
+        """The error-feedback state to encode the update of ``round_`` (``dim`` values) with."""
+        from fedgate.core import codec
+
+        if self.ef is None or self.ef.dim != dim or self._before is None:
+            if self.ef is not None:
+                log.info("uplink: top-k residual reset (model size %d -> %d)", self.ef.dim, dim)
+            self.ef = codec.ErrorFeedback(dim)
+            self._before = np.zeros(dim, dtype=np.float32)
+        elif self.round is not None and round_ == self.round:
+            np.copyto(self.ef.residual, self._before)  # the round again: undo the earlier attempt
+        elif self.round is not None and round_ < self.round:
+            log.info("uplink: top-k residual reset (round %d after round %d)", round_, self.round)
+            self.ef.reset()
+            self._before.fill(0.0)
+        else:
+            np.copyto(self._before, self.ef.residual)
+        self.round = round_
+        return self.ef
+
+    def undo(self) -> None:
+        """The encoding of the current round failed: restore the residual before it."""
+        if self.ef is not None and self._before is not None:
+            np.copyto(self.ef.residual, self._before)
+
+
 class ResultEncoder:
     """Encodes task outcomes into outbox entries for one agent.
 
@@ -87,7 +139,8 @@ class ResultEncoder:
     def __init__(self, agent_name: str, outbox: Outbox) -> None:
         self.agent_name = agent_name
         self.outbox = outbox
-        self._topk_state: Any = None  # codec.ErrorFeedback, kept across rounds
+        self.topk = TopkFeedback()  # kept across rounds
+        self._topk_lock = threading.Lock()
 
     @staticmethod
     def decode(buf: bytes | memoryview, *, check_crc: bool = True) -> np.ndarray:
@@ -105,24 +158,62 @@ class ResultEncoder:
 
         return np.asarray(codec.decode(buf, check_crc=check_crc), dtype=np.float32)
 
-    def encode_params(self, params: np.ndarray, task: Task) -> bytes:
-        """``params`` (float32, shape (n,)) encoded with the task's codec."""
+    def encode_params(self, params: np.ndarray, task: Task, global_params: np.ndarray | None = None) -> bytes:
+        """The train result payload of ``task``: ``params`` encoded with the task's codec.
+
+        Parameters
+        ----------
+        params : float32 (n,)
+            The new local parameters.
+        task : Task
+            Its ``codec`` and ``codec_params`` choose the encoding.
+        global_params : float32 (n,) or None
+            The global parameters the task carried; required by ``topk``, which
+            encodes ``params - global_params`` (plus the error-feedback residual) as a
+            delta.
+
+        Raises
+        ------
+        TrainingError
+            Bad codec parameters, or ``topk`` without (matching) global parameters.
+        """
         from fedgate.core import codec
 
         vec = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         params = task.codec_params
+        if task.codec == "topk":
+            return self._encode_topk(vec, task, global_params)
         try:
             if task.codec == "q8":
                 # a per-task seed: stochastic rounding errors do not repeat from round to round
                 seed = int(params.get("seed", int(task.task_id[:8], 16)))
                 return codec.encode(vec, "q8", block=int(params.get("block", 256)), seed=seed % 2**32)
-            if task.codec == "topk":
-                if self._topk_state is None or self._topk_state.dim != vec.size:
-                    self._topk_state = codec.ErrorFeedback(vec.size)
-                return codec.encode(vec, "topk", k=float(params.get("k", 0.01)), state=self._topk_state)
             return codec.encode(vec, task.codec)
         except (TypeError, ValueError) as exc:
             raise TrainingError(f"task {task.task_id}: cannot encode with {task.codec} {params}: {exc}") from exc
+
+    def _encode_topk(self, vec: np.ndarray, task: Task, global_params: np.ndarray | None) -> bytes:
+        from fedgate.core import codec
+
+        if global_params is None:
+            raise TrainingError(f"task {task.task_id}: topk encodes an update and needs the task's global params")
+        ref = np.asarray(global_params, dtype=np.float32).reshape(-1)
+        if ref.size != vec.size:
+            raise TrainingError(f"task {task.task_id}: {vec.size} params, the global model has {ref.size}")
+        try:
+            k = float(task.codec_params.get("k", 0.01))
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(f"task {task.task_id}: topk k = {task.codec_params.get('k')!r}: {exc}") from exc
+        update = np.subtract(vec, ref)
+        with self._topk_lock:
+            state = self.topk.state(task.round, vec.size)
+            try:
+                return codec.encode(update, "topk", k=k, state=state, delta=True)
+            except BaseException as exc:
+                self.topk.undo()
+                if isinstance(exc, (TypeError, ValueError)):
+                    raise TrainingError(f"task {task.task_id}: cannot encode with topk k = {k!r}: {exc}") from exc
+                raise
 
     def fields(self, task: Task, outcome: TaskOutcome) -> dict[str, Any]:
         """The ``result`` header fields for ``outcome``."""
@@ -165,7 +256,7 @@ class ResultEncoder:
                                     f"the global model has {global_params.size}")
             if not np.isfinite(params).all():
                 raise TrainingError(f"train task {task.task_id}: the new params are not finite")
-            payload = self.encode_params(params, task)
+            payload = self.encode_params(params, task, global_params)
         fields = self.fields(task, outcome)
         try:
             protocol.encode(MsgType.RESULT, fields, payload)  # the wire's own checks, before storing

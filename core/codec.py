@@ -7,7 +7,7 @@ payload::
     0      4     magic b"FGVC"
     4      1     version (1)
     5      1     codec id (1 f32, 2 f16, 3 q8, 4 topk)
-    6      2     flags (0; reserved)
+    6      2     flags: bit 0 DELTA, the other bits reserved (0)
     8      4     count: number of float32 values decoded
     12     4     param: q8 block size; topk number of kept values; else 0
     16     4     reserved (0)
@@ -18,6 +18,11 @@ payload::
     q8    ceil(count / block) float32 scales, then count int8 codes;
           value = code * scale, scale = max|x| / 127 per block, stochastic rounding
     topk  param uint32 indices (strictly increasing, < count), then param float32 values
+
+The DELTA flag (``encode(..., delta=True)``, :attr:`CodecHeader.delta`) says the
+vector is a difference from a reference vector both sides hold (a train result:
+new local parameters minus the global parameters the task carried), not the values
+themselves. The codec does not interpret it; the receiver adds the reference back.
 
 :func:`decode` trusts nothing: the buffer length must equal what the header
 announces, every field must be valid, the CRC must match, top-k indices must be in
@@ -63,6 +68,7 @@ __all__ = [
     "Codec",
     "CodecHeader",
     "ErrorFeedback",
+    "FLAG_DELTA",
     "HEADER_SIZE",
     "MAX_DECODED_SIZE",
     "decode",
@@ -88,6 +94,8 @@ _MAX_BLOCK = 1 << 20
 #: top-k keeps at least count / 65536 values, so a small buffer cannot claim a huge vector
 TOPK_MIN_FRACTION = 1.0 / 65536
 F16_LIMIT = 65520.0  # |x| at or above this rounds to Inf in float16
+#: header flag: the vector is a difference from a reference both sides hold
+FLAG_DELTA = 1
 
 
 class Codec(str, Enum):
@@ -111,6 +119,7 @@ class CodecHeader:
     count: int
     param: int
     nbytes: int
+    delta: bool = False  #: the DELTA flag: a difference from a reference vector
 
 
 class ErrorFeedback:
@@ -170,6 +179,7 @@ def encode(
     seed: int = 0,
     k: float = 0.01,
     state: ErrorFeedback | None = None,
+    delta: bool = False,
 ) -> bytes:
     """Encode a flat vector into a self-describing buffer.
 
@@ -182,6 +192,7 @@ def encode(
     k : top-k fraction of values kept, in [1/65536, 1]
     state : ErrorFeedback of the same dim, or None. When given, ``vec + state.residual``
         is encoded and the residual updated (all codecs; f32 leaves it at zero).
+    delta : set the header's DELTA flag (``vec`` is a difference from a reference)
 
     Returns
     -------
@@ -229,7 +240,9 @@ def encode(
             raise ProtocolError(f"f16 cannot carry |x| = {peak!r} (limit 65504); use f32 or q8")
     if c is Codec.TOPK and ef is not None and not math.isfinite(float(_k.max_abs(arr, ef))):
         raise ProtocolError("vec + residual overflows float32")
-    header = _HEADER.pack(MAGIC, VERSION, _IDS[c], 0, n, param, 0)
+    if not isinstance(delta, (bool, np.bool_)):
+        raise ProtocolError(f"delta = {delta!r}: must be a bool")
+    header = _HEADER.pack(MAGIC, VERSION, _IDS[c], FLAG_DELTA if delta else 0, n, param, 0)
     if c is Codec.F32:
         return _k.encode_f32(arr, header)
     if c is Codec.F16:
@@ -292,7 +305,7 @@ def read_header(buf: Buffer, *, max_decoded_size: int = MAX_DECODED_SIZE) -> Cod
     c = _BY_ID.get(cid)
     if c is None:
         raise ProtocolError(f"unknown codec id {cid}")
-    if flags != 0 or reserved != 0:
+    if flags & ~FLAG_DELTA or reserved != 0:
         raise ProtocolError(f"reserved header fields are set (flags={flags}, reserved={reserved})")
     if count == 0:
         raise ProtocolError("header announces an empty vector")
@@ -311,7 +324,7 @@ def read_header(buf: Buffer, *, max_decoded_size: int = MAX_DECODED_SIZE) -> Cod
     if size != expected:
         kind = "truncated" if size < expected else "oversized"
         raise ProtocolError(f"{kind} {c.value} buffer: {size} bytes, header announces {expected}")
-    return CodecHeader(c, count, param, size)
+    return CodecHeader(c, count, param, size, bool(flags & FLAG_DELTA))
 
 
 def decode(

@@ -5,6 +5,12 @@ the wrong size, holds a NaN or an infinity, or moved further than
 ``max_update_norm`` (L2) from the global model it was trained from. Each refusal
 has a reason, used as the ``reason`` label of
 ``fedgate_server_updates_rejected_total`` and stored in the history.
+
+A payload whose codec header has the DELTA flag (the ``topk`` codec always has it)
+carries the update new - global instead of the new parameters:
+:func:`check_update` decodes it, adds the global model back
+(:func:`materialize_update`) and then runs the same checks, so strategies always
+receive parameters.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from fedgate.core import aggregate as agg
 from fedgate.core import codec
 from fedgate.core.errors import FedgateError
 
-__all__ = ["Rejected", "UpdateValidator"]
+__all__ = ["Rejected", "UpdateValidator", "check_update", "materialize_update"]
 
 
 @dataclass
@@ -98,3 +104,66 @@ class UpdateValidator:
         if not norm <= self.max_update_norm:
             raise Rejected("norm", f"update norm {norm:.4g} exceeds max_update_norm {self.max_update_norm:g}")
         return vec, norm
+
+
+def materialize_update(head: codec.CodecHeader, decoded: np.ndarray, global_params: np.ndarray) -> np.ndarray:
+    """The parameters a decoded payload stands for.
+
+    Parameters
+    ----------
+    head : CodecHeader
+        The payload's header (:func:`fedgate.core.codec.read_header`).
+    decoded : float32 (D,)
+        The decoded payload; for a delta it must be writable: the global model is
+        added in place and ``decoded`` returned.
+    global_params : float32 (D,)
+        The global model the task carried (the server's current one).
+
+    Returns
+    -------
+    float32 (D,) : ``decoded + global_params`` for a delta, else ``decoded`` itself.
+    """
+    if head.delta:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found by the finiteness check
+            np.add(decoded, global_params, out=decoded)
+    return decoded
+
+
+def check_update(validator: UpdateValidator, payload: memoryview | bytes | None, global_params: np.ndarray,
+                 out: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+    """:meth:`UpdateValidator.check` for parameters or deltas; returns ``(params, update_norm)``.
+
+    A payload without the DELTA flag goes to ``validator.check`` unchanged. A delta is
+    decoded into ``out()``, checked for size and finiteness, turned into parameters
+    by :func:`materialize_update`, and checked again (finite, norm of params - global
+    under ``max_update_norm``) exactly like parameters. A ``topk`` payload without the
+    flag is refused: its unsent entries would read as zero parameters.
+
+    Raises
+    ------
+    Rejected
+        With reason ``decode``, ``size``, ``nonfinite`` or ``norm``.
+    """
+    try:
+        head = codec.read_header(payload) if payload is not None else None
+    except FedgateError:
+        head = None
+    if head is None or not head.delta:
+        if head is not None and head.codec is codec.Codec.TOPK:
+            raise Rejected("decode", "a topk train result must carry a delta (the codec header's DELTA flag)")
+        return validator.check(payload, global_params, out)
+    if head.count != validator.dim:
+        raise Rejected("size", f"update has {head.count} values, the model has {validator.dim}")
+    try:
+        vec = codec.decode(payload, out=out())  # type: ignore[arg-type]
+    except FedgateError as exc:
+        raise Rejected("decode", str(exc)) from None
+    if not agg.is_finite(vec):
+        raise Rejected("nonfinite", f"update has a non-finite value at index {agg.first_nonfinite(vec)}")
+    params = materialize_update(head, vec, global_params)
+    if not agg.is_finite(params):
+        raise Rejected("nonfinite", f"global + update overflows at index {agg.first_nonfinite(params)}")
+    norm = validator.distance(params, global_params)
+    if not norm <= validator.max_update_norm:
+        raise Rejected("norm", f"update norm {norm:.4g} exceeds max_update_norm {validator.max_update_norm:g}")
+    return params, norm

@@ -263,7 +263,7 @@ def test_random_bytes_raise_protocol_error_only(blob):
     cid=st.integers(0, 6),
     count=st.integers(0, 2**32 - 1),
     param=st.integers(0, 2**32 - 1),
-    flags=st.sampled_from([0, 0, 0, 1]),
+    flags=st.sampled_from([0, 0, 0, 1, 1, 2, 3, 0x8000]),
     body=st.binary(max_size=300),
 )
 def test_forged_headers_with_valid_crc_never_crash(cid, count, param, flags, body):
@@ -274,7 +274,8 @@ def test_forged_headers_with_valid_crc_never_crash(cid, count, param, flags, bod
     except ProtocolError:
         return
     # accepted: it must be exactly what the header says, from a buffer of the honest size
-    assert out.shape == (count,) and count <= 10_000
+    assert out.shape == (count,) and count <= 10_000 and flags in (0, 1)
+    assert codec.read_header(buf).delta is (flags == 1)
     assert out.nbytes <= 4 * len(buf) * 65536
 
 
@@ -311,7 +312,7 @@ def test_size_guards():
 @pytest.mark.parametrize(
     "field, value, match",
     [(0, b"FGVX", "bad magic"), (1, 2, "unsupported codec version 2"), (2, 9, "unknown codec id 9"),
-     (3, 1, "reserved"), (6, 5, "reserved"), (4, 0, "empty vector")],
+     (3, 2, "reserved"), (3, 0x8001, "reserved"), (6, 5, "reserved"), (4, 0, "empty vector")],
 )
 def test_header_fields_are_checked(field, value, match):
     fields = list(_header(VALID[0]))[:7]
@@ -387,3 +388,26 @@ def test_decode_into_a_reused_out_matches_a_fresh_decode(name):
         buf = codec.encode(rng.normal(size=1000).astype(np.float32), name, k=0.05)
         assert codec.decode(buf, out=out) is out
         np.testing.assert_array_equal(out, codec.decode(buf))
+
+
+@pytest.mark.parametrize("name", ["f32", "f16", "q8", "topk"])
+def test_delta_flag_round_trips_and_changes_nothing_else(name):
+    vec = np.linspace(-2, 2, 300, dtype=np.float32)
+    plain = codec.encode(vec, name, k=0.2, seed=5)
+    flagged = codec.encode(vec, name, k=0.2, seed=5, delta=True)
+    assert codec.read_header(plain).delta is False
+    head = codec.read_header(flagged)
+    assert head.delta is True and head.codec.value == name and head.nbytes == len(plain)
+    assert struct.unpack_from("<H", flagged, 6)[0] == codec.FLAG_DELTA
+    assert flagged[24:] == plain[24:] and flagged[:6] == plain[:6]
+    np.testing.assert_array_equal(codec.decode(flagged), codec.decode(plain))
+    with pytest.raises(ProtocolError, match="delta = 1: must be a bool"):
+        codec.encode(vec, name, delta=1)  # type: ignore[arg-type]
+
+
+def test_delta_flag_is_covered_by_the_crc():
+    buf = bytearray(codec.encode(np.ones(10, dtype=np.float32), "topk", k=0.5, delta=True))
+    buf[6] ^= codec.FLAG_DELTA
+    with pytest.raises(ProtocolError, match="CRC32"):
+        codec.decode(buf)
+    assert codec.decode(buf, check_crc=False).tolist() == [1.0] * 5 + [0.0] * 5
