@@ -38,7 +38,7 @@ from fedgate.server.registry import Registry
 from fedgate.server.spec import FederationModel
 from fedgate.server.store import Checkpoint, CheckpointStore, CheckpointWriter, History, TaskRow
 from fedgate.server.strategies import make_strategy
-from fedgate.server.validate import Rejected, UpdateValidator
+from fedgate.server.validate import Rejected, UpdateValidator, check_update
 
 __all__ = ["Coordinator", "OpenRound"]
 
@@ -347,7 +347,7 @@ class Coordinator:
     def _take_update(self, op: OpenRound, f: dict[str, Any], payload: memoryview | None) -> None:
         if f["n_samples"] < 1:
             raise Rejected("empty", "a train result must report n_samples >= 1")
-        vec, _ = self.validator.check(payload, self.params, self.strategy.buffer)
+        vec, _ = check_update(self.validator, payload, self.params, self.strategy.buffer)  # params, also from deltas
         weight = float(f["n_samples"])
         if self.cfg.privacy.enabled:
             out = self.strategy.buffer()

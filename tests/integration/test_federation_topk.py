@@ -1,0 +1,90 @@
+"""Federations whose agents send top-k sparsified deltas (with error feedback).
+
+Real processes on 127.0.0.1 as in ``test_federation.py`` (whose :class:`Federation`
+rig this reuses), with a wider linear model so that k = 0.1 really drops most of
+every update.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+import fedtools
+from test_federation import Federation, ols_on_scaled
+
+pytestmark = pytest.mark.slow
+
+N_FEATURES = 20  # 21 parameters: k = 0.1 sends 3 of them per agent and round
+
+
+class WideFederation(Federation):
+    """:class:`Federation` with ``n_features`` features and the given codec."""
+
+    def __init__(self, root: Path, agents: list[str], *, n_features: int, codec: str,
+                 codec_params: dict[str, Any], **kw: Any) -> None:
+        self.n_features = n_features
+        fed = {"model": {"kind": "linear", "n_features": n_features},
+               "features": [f"f{i}" for i in range(n_features)], "codec": codec, "codec_params": codec_params}
+        super().__init__(root, agents, extra_fed=fed | kw.pop("extra_fed", {}), **kw)
+
+    def start_agent(self, name: str, *, train_delay_s: float = 0.0) -> None:
+        i = self.names.index(name)
+        cmd = fedtools.agent_command(
+            name, server=self.endpoint, db=self.root / f"{name}.db", keys=self.keys, seed=self.seed_base + i,
+            n_samples=self.n_samples, n_features=self.n_features, model_out=self.root / f"{name}.model.npy",
+            report=self.root / f"{name}.report.json", heartbeat="300ms", dead_after="1500ms",
+            train_delay_s=train_delay_s)
+        proc = fedtools.spawn(cmd, self.root / f"{name}.log")
+        self.agents[name] = proc
+        self.all_procs.append(proc)
+
+    def pooled_data(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = [fedtools.agent_data(self.seed_base + i, self.n_samples, self.n_features)
+                 for i in range(len(self.names))]
+        return np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+@pytest.fixture
+def federations(tmp_path: Path) -> Iterator[Callable[..., WideFederation]]:
+    made: list[WideFederation] = []
+
+    def make(name: str, agents: list[str], **kw: Any) -> WideFederation:
+        root = tmp_path / name
+        root.mkdir()
+        fed = WideFederation(root, agents, **kw)
+        made.append(fed)
+        return fed
+
+    yield make
+    for fed in made:
+        fed.shutdown()
+    for fed in made:
+        for proc in fed.all_procs:
+            if proc.poll() is None:
+                fedtools.kill9(proc)
+    leftover = [p.pid for fed in made for p in fed.all_procs if p.poll() is None]
+    children = psutil.Process().children(recursive=True)
+    assert not leftover and not children, f"processes left behind: {leftover} {children}"
+
+
+def test_topk_federation_converges_to_the_centralized_model(federations):
+    names = ["press-01", "press-02", "press-03", "press-04"]
+    rounds = 40
+    fed = federations("topk", names, rounds=rounds, n_features=N_FEATURES, codec="topk",
+                      codec_params={"k": 0.1}, evaluate=False)
+    fed.start_all()
+    fed.wait(lambda: fed.train_rounds_done() >= rounds, f"{rounds} train rounds", timeout_s=180)
+    params = fed.final_params(rounds)
+    X, y = fed.pooled_data()
+    want = ols_on_scaled(X, y)
+    err = np.abs(params - want).max()
+    assert err < 0.05, f"max |params - OLS| = {err:.4g}\n{params}\n{want}"
+    # every update of every round was accepted: the server rebuilt parameters from deltas
+    rows = fed.query("SELECT round, n_accepted FROM rounds WHERE kind = 'train' ORDER BY round")
+    assert rows == [(r, len(names)) for r in range(1, rounds + 1)]
+    assert fed.count("SELECT COUNT(*) FROM tasks WHERE kind = 'train' AND status != 'accepted'") == 0
