@@ -171,7 +171,10 @@ def _float(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False
     def check(v: Any, path: str) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise _fail(path, "expected a number", v)
-        f = float(v)
+        try:
+            f = float(v)
+        except OverflowError:
+            raise _fail(path, "must be finite", v) from None
         if not math.isfinite(f):
             raise _fail(path, "must be finite", v)
         if f < lo or f > hi or (lo_open and f == lo):
@@ -225,7 +228,10 @@ def _float_list(*, ge: float = -math.inf) -> Checker:
         for x in v:
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 raise _fail(path, "expected numbers", x)
-            f = float(x)
+            try:
+                f = float(x)
+            except OverflowError:
+                raise _fail(path, "numbers must be finite", x) from None
             if not math.isfinite(f) or f < ge:
                 raise _fail(path, f"numbers must be finite and >= {ge:g}", x)
             out.append(f)
@@ -408,7 +414,104 @@ def _payload_rule(msg_type: MsgType, fields: Mapping[str, Any]) -> bool | None:
     return False
 
 
+# ---------------------------------------------------------------- fast paths
+# The messages of every round (results, acks, heartbeats, commits) are checked by
+# straight-line code first. A fast checker returns exactly what the schema checker
+# would, or None for anything unusual, which then goes through the schema checker
+# (and gets its precise error), so both paths accept and refuse the same input.
+
+_KIND_PAYLOAD = {TaskKind.TRAIN.value: True, TaskKind.EVALUATE.value: False}
+_STATUSES = frozenset(s.value for s in AckStatus)
+_TYPES = {t.value: t for t in MsgType}
+
+
+def _fast_metrics(metrics: Any) -> dict[str, float] | None:
+    if type(metrics) is not dict or len(metrics) > MAX_METRICS:
+        return None
+    clean: dict[str, float] = {}
+    for key, value in metrics.items():
+        if type(key) is not str or not 0 < len(key) <= MAX_STR:
+            return None
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                return None
+        elif kind is int:
+            try:
+                value = float(value)
+            except OverflowError:
+                return None
+        else:
+            return None
+        clean[key] = value
+    return clean
+
+
+def _fast_result(raw: Mapping[str, Any], n_payload: int) -> dict[str, Any] | None:
+    """A train or evaluate result (statistics results take the schema path)."""
+    get = raw.get
+    agent, tid, rnd, kind, n = get("agent"), get("task_id"), get("round"), get("kind"), get("n_samples")
+    if (type(agent) is not str or _AGENT_RE.match(agent) is None
+            or type(tid) is not str or _TASK_ID_RE.match(tid) is None
+            or type(rnd) is not int or not 0 <= rnd <= MAX_INT
+            or type(n) is not int or not 0 <= n <= MAX_INT
+            or type(kind) is not str or _KIND_PAYLOAD.get(kind) is not (n_payload > 0)
+            or get("stats") is not None):
+        return None
+    metrics = _fast_metrics(get("metrics"))
+    if metrics is None:
+        return None
+    fields = {"agent": agent, "task_id": tid, "round": rnd, "kind": kind, "n_samples": n, "metrics": metrics}
+    if "stats" in raw:
+        fields["stats"] = None
+    return fields
+
+
+def _fast_heartbeat(raw: Mapping[str, Any], n_payload: int) -> dict[str, Any] | None:
+    if n_payload:
+        return None
+    if "agent" not in raw:
+        return {}
+    agent = raw["agent"]
+    if type(agent) is not str or _AGENT_RE.match(agent) is None:
+        return None
+    return {"agent": agent}
+
+
+def _fast_ack(raw: Mapping[str, Any], n_payload: int) -> dict[str, Any] | None:
+    tid, status = raw.get("task_id"), raw.get("status")
+    if (n_payload or type(tid) is not str or _TASK_ID_RE.match(tid) is None
+            or type(status) is not str or status not in _STATUSES):
+        return None
+    if "reason" not in raw:
+        return {"task_id": tid, "status": status}
+    reason = raw["reason"]
+    if type(reason) is not str or len(reason) > MAX_TEXT:
+        return None
+    return {"task_id": tid, "status": status, "reason": reason}
+
+
+def _fast_committed(raw: Mapping[str, Any], n_payload: int) -> dict[str, Any] | None:
+    rnd = raw.get("round")
+    if n_payload or type(rnd) is not int or not 0 <= rnd <= MAX_INT:
+        return None
+    return {"round": rnd}
+
+
+_FAST: dict[MsgType, Callable[[Mapping[str, Any], int], dict[str, Any] | None]] = {
+    MsgType.RESULT: _fast_result,
+    MsgType.HEARTBEAT: _fast_heartbeat,
+    MsgType.ACK: _fast_ack,
+    MsgType.COMMITTED: _fast_committed,
+}
+
+
 def _validate(msg_type: MsgType, raw: Mapping[str, Any], n_payload: int) -> dict[str, Any]:
+    fast = _FAST.get(msg_type)
+    if fast is not None:
+        fields = fast(raw, n_payload)
+        if fields is not None:
+            return fields
     try:
         fields = _fields(raw, _SCHEMA[msg_type], "")
     except MessageError as exc:
@@ -458,7 +561,7 @@ def encode(msg_type: MsgType | str, fields: Mapping[str, Any],
     clean = _validate(mt, fields, n_payload)
     head = {"v": PROTOCOL_VERSION, "type": mt.value, **clean}
     try:
-        header = json.dumps(head, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        header = _JSON_OUT.encode(head).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise MessageError(f"fields not JSON-encodable: {exc}", msg_type=mt) from exc
     if len(header) > MAX_HEADER_BYTES:
@@ -468,6 +571,63 @@ def encode(msg_type: MsgType | str, fields: Mapping[str, Any],
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+_JSON_OUT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+class _TaskHeaders:
+    """Validated fields of recent task headers, keyed by the header with its nonce zeroed.
+
+    The tasks of a round differ only in ``task_id`` (the server splices each nonce into
+    one header), so an agent checks a round's header once. A header is remembered only
+    when its one literal ``"task_id":"`` is the nonce itself and it holds no backslash
+    (no escaped key can repeat the field); a header that matches a remembered one in
+    every byte but a lowercase-hex nonce has the same structure and fields, so its
+    fields are the remembered ones with the new nonce (a shallow copy: nested objects are
+    shared, read-only).
+    """
+
+    MAX = 8
+    MARK = b'"task_id":"'
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[bytes, int], dict[str, Any]] = {}
+
+    def _split(self, data: bytes) -> tuple[bytes, int] | None:
+        at = data.find(self.MARK)
+        if at < 0 or data.find(self.MARK, at + 1) >= 0 or b"\\" in data:
+            return None
+        start = at + len(self.MARK)
+        if _TASK_ID_BYTES_RE.match(data, start) is None:
+            return None
+        return data[:start] + b"0" * 32 + data[start + 32:], start
+
+    def get(self, data: bytes, n_payload: int) -> dict[str, Any] | None:
+        if not self._known or len(data) < 200:
+            return None
+        split = self._split(data)
+        if split is None:
+            return None
+        known = self._known.get((split[0], n_payload > 0))
+        if known is None:
+            return None
+        fields = dict(known)
+        fields["task_id"] = data[split[1]: split[1] + 32].decode("ascii")
+        return fields
+
+    def put(self, data: bytes, n_payload: int, fields: dict[str, Any]) -> None:
+        split = self._split(data)
+        if split is None or fields.get("task_id") != data[split[1]: split[1] + 32].decode("ascii"):
+            return
+        if len(self._known) >= self.MAX:
+            self._known.clear()
+        self._known[(split[0], n_payload > 0)] = dict(fields)
+
+
+_TASK_ID_BYTES_RE = re.compile(rb"[0-9a-f]{32}\"")
+_TASKS = _TaskHeaders()
 
 
 def decode(frames: Sequence[Any]) -> Message:
@@ -505,11 +665,15 @@ def decode(frames: Sequence[Any]) -> Message:
         raise MessageError(f"header of {header.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     if header.nbytes == 0:
         raise MessageError("empty header frame")
+    data = header.tobytes()
+    cached = _TASKS.get(data, views[1].nbytes if n == 2 else 0)
+    if cached is not None:
+        return Message(MsgType.TASK, cached, _payload_view(views, MsgType.TASK))
     try:
-        raw = json.loads(header.tobytes().decode("utf-8"), parse_constant=_reject_constant)
+        raw = _JSON.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MessageError(f"header is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(raw, dict):
+    if type(raw) is not dict:
         raise MessageError("header must be a JSON object")
     version = raw.get("v")
     if isinstance(version, bool) or not isinstance(version, int):
@@ -518,20 +682,27 @@ def decode(frames: Sequence[Any]) -> Message:
         raise MessageError(f"protocol version {version} not supported (this side speaks {PROTOCOL_VERSION})",
                            ErrorCode.VERSION)
     type_name = raw.get("type")
-    try:
-        mt = MsgType(type_name)
-    except (ValueError, TypeError) as exc:
+    mt = _TYPES.get(type_name) if type(type_name) is str else None
+    if mt is None:
         shown = repr(type_name)[:80]
-        raise MessageError(f"unknown message type {shown}", ErrorCode.UNKNOWN_TYPE) from exc
-    payload: memoryview | None = None
-    if n == 2:
-        payload = views[1]
-        if payload.format != "B" or payload.ndim != 1:
-            try:
-                payload = payload.cast("B")
-            except (TypeError, ValueError) as exc:
-                raise MessageError("payload frame is not a contiguous buffer", msg_type=mt) from exc
-        if payload.nbytes == 0:
-            raise MessageError("empty payload frame", msg_type=mt)
-    fields = _validate(mt, raw, 0 if payload is None else payload.nbytes)
+        raise MessageError(f"unknown message type {shown}", ErrorCode.UNKNOWN_TYPE)
+    payload = _payload_view(views, mt)
+    n_payload = 0 if payload is None else payload.nbytes
+    fields = _validate(mt, raw, n_payload)
+    if mt is MsgType.TASK:
+        _TASKS.put(data, n_payload, fields)
     return Message(mt, fields, payload)
+
+
+def _payload_view(views: list[memoryview], mt: MsgType) -> memoryview | None:
+    if len(views) == 1:
+        return None
+    payload = views[1]
+    if payload.format != "B" or payload.ndim != 1:
+        try:
+            payload = payload.cast("B")
+        except (TypeError, ValueError) as exc:
+            raise MessageError("payload frame is not a contiguous buffer", msg_type=mt) from exc
+    if payload.nbytes == 0:
+        raise MessageError("empty payload frame", msg_type=mt)
+    return payload
