@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import uuid
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedgate.agent.outbox import Outbox
 from fedgate.agent.uplink_types import Task, TaskOutcome
@@ -113,6 +118,23 @@ def test_round_going_back_or_size_change_resets_the_residual(encoder):
     assert encoder.topk.ef.residual.tolist() == [0.0] + [1.0] * 9
 
 
+@settings(max_examples=60, deadline=None)
+@given(rounds=st.lists(st.integers(1, 6), min_size=1, max_size=14).map(sorted),
+       seed=st.integers(0, 2**16), k=st.sampled_from([0.01, 0.1, 0.5]))
+def test_retried_rounds_count_once_in_sent_plus_residual(rounds, seed, k):
+    """Whatever rounds are retried, the last attempt of each round is what adds up."""
+    rng = np.random.default_rng(seed)
+    fb = TopkFeedback()
+    last: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # round -> (true delta, sent)
+    for r in rounds:
+        delta = (rng.normal(size=50) * (rng.random(50) < 0.7)).astype(np.float32)
+        sent = codec.decode(codec.encode(delta, "topk", k=k, state=fb.state(r, 50), delta=True))
+        last[r] = (delta, sent)
+    true = sum(d.astype(np.float64) for d, _ in last.values())
+    got = sum(s.astype(np.float64) for _, s in last.values()) + fb.ef.residual
+    np.testing.assert_allclose(got, true, atol=1e-5)
+
+
 def test_skipped_rounds_keep_the_residual():
     fb = TopkFeedback()
     fb.state(1, 3).residual[:] = [1, 2, 3]
@@ -205,3 +227,27 @@ def test_materialize_update_adds_the_global_model_only_to_deltas():
     assert same is dec and dec.tolist() == [0.5, 0, -1]
     out = materialize_update(codec.read_header(codec.encode(dec, "topk", k=1.0, delta=True)), dec, glob)
     assert out is dec and out.tolist() == [1.5, 2, 2]
+
+
+def _valid_delta(d: int = 64) -> bytes:
+    return codec.encode(np.linspace(-0.1, 0.1, d, dtype=np.float32), "topk", k=0.25, delta=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pos=st.integers(0, 200), value=st.integers(0, 255), cut=st.integers(-40, 40), reseal=st.booleans())
+def test_hostile_delta_payloads_are_only_ever_rejected(pos, value, cut, reseal):
+    glob = np.ones(64, dtype=np.float32)
+    buf = bytearray(_valid_delta())
+    if pos < len(buf):
+        buf[pos] = value
+    buf = buf[:len(buf) + cut] if cut < 0 else buf + bytes(cut)
+    if reseal and len(buf) >= 24:
+        struct.pack_into("<I", buf, 20, zlib.crc32(bytes(buf[24:]), zlib.crc32(bytes(buf[:20]))) & 0xFFFFFFFF)
+    validator = UpdateValidator(64, max_update_norm=10.0)
+    try:
+        params, norm = check_update(validator, bytes(buf), glob, lambda: np.empty(64, dtype=np.float32))
+    except Rejected as exc:
+        assert exc.reason in ("decode", "size", "nonfinite", "norm")
+        return
+    assert params.shape == (64,) and np.isfinite(params).all() and norm <= 10.0
+    np.testing.assert_array_equal(glob, 1.0)  # the global model is never written
