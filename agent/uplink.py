@@ -1,4 +1,4 @@
-"""The agent's link to the aggregation server (asyncio, ZeroMQ DEALER, CURVE).
+"""The agent's link to the aggregation server (ZeroMQ DEALER, CURVE) on its own thread.
 
 :class:`Uplink` says ``hello``, keeps the link alive with heartbeats, hands each task
 to the agent's :class:`~fedgate.agent.uplink_types.TaskHandler` in a worker thread (so
@@ -6,6 +6,11 @@ heartbeats go on while it trains), encodes the result with the task's codec, sto
 in the durable :class:`~fedgate.agent.outbox.Outbox` and only then sends it. Results
 are re-sent after every reconnect until a ``committed`` for their round arrives; the
 server accepts a task's result once, so nothing is lost and nothing counted twice.
+
+The link is one blocking poll loop on a thread of its own (:meth:`Uplink.serve`):
+a federated round costs the agent a handful of system calls and no event-loop
+machinery, which is what lets one server drive hundreds of gateways per second.
+:meth:`Uplink.run` runs that thread for an asyncio caller (the agent daemon).
 
 A silent server (no traffic for ``dead_after``) is taken for dead: the socket is closed
 and a new one connects after a back-off that doubles up to ``reconnect_delay_max``,
@@ -22,16 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
-import zmq.asyncio
 
 from fedgate.agent.outbox import Outbox, OutboxEntry
 from fedgate.agent.uplink_socket import LINGER_MS, load_curve_keys, make_dealer
@@ -54,7 +61,7 @@ __all__ = ["Uplink", "UplinkConfig", "TaskHandler", "HelloInfo", "Task", "TaskOu
 log = logging.getLogger(__name__)
 
 SOFTWARE = "fedgate-agent/0.1.0"
-_TICK_S = 0.25          # longest poll: bounds how late stop() and timers are noticed
+_TICK_S = 0.25          # longest poll: bounds how late timers are noticed
 _STOP_WAIT_S = 30.0     # how long stop waits for a running task to store its result
 
 
@@ -69,7 +76,8 @@ class Uplink:
     db_path : str or Path
         The agent's SQLite state file; the outbox is the table ``uplink_outbox``.
     handler : TaskHandler
-        Runs tasks (blocking, in a worker thread) and takes published models.
+        Runs tasks (blocking, in a worker thread) and takes published models (on the
+        uplink's thread: ``on_model`` must return quickly).
 
     Raises
     ------
@@ -80,9 +88,9 @@ class Uplink:
 
     Examples
     --------
-    ``asyncio.create_task(uplink.run())`` beside the agent's other loops, and
-    ``uplink.stop()`` (from any thread) to leave; ``uplink.status()`` for the status
-    command.
+    ``asyncio.create_task(uplink.run())`` beside the agent's other loops (or
+    ``uplink.serve()`` on a thread of one's own), ``uplink.stop()`` from any thread to
+    leave, ``uplink.status()`` for the status command.
     """
 
     def __init__(self, cfg: UplinkConfig, *, agent_name: str, db_path: str | Path,
@@ -103,56 +111,92 @@ class Uplink:
         self._last_round: int | None = None
         self._last_committed: int | None = None
         self._task_models = TaskModels()  # global models carried by tasks, handed over once committed
+        self._decoded: tuple[memoryview, np.ndarray] | None = None  # a task payload and its decoded params
         self._last_contact_ts: float | None = None
         self._outbox_count = self._outbox.count()
-        self._running: dict[str, asyncio.Task[None]] = {}
-        self._sock: zmq.asyncio.Socket | None = None
-        self._sync: zmq.Socket | None = None  # a blocking-API shadow of _sock for NOBLOCK fast paths
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_event: asyncio.Event | None = None
+        self._running: dict[str, Future[OutboxEntry]] = {}
+        self._done: deque[tuple[Task, Future[OutboxEntry]]] = deque()  # finished on the worker
+        self._unsent: deque[OutboxEntry] = deque()  # results the socket had no room for yet
+        self._sock: zmq.Socket | None = None
         self._stop_requested = False
         self._executor: ThreadPoolExecutor | None = None
+        self._wake_r, self._wake_w = os.pipe()  # stop() and finished tasks wake the poll loop
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._closed = False
         if cfg.insecure:
             log.warning("uplink to %s is INSECURE: no encryption, no server authentication "
                         "(insecure = true in [uplink])", cfg.server)
 
     # ------------------------------------------------------------------ public API
     async def run(self) -> None:
-        """Talk to the server until :meth:`stop`; never raises on network trouble."""
-        self._loop = asyncio.get_running_loop()
-        self._stop_event = asyncio.Event()
-        if self._stop_requested:
-            self._stop_event.set()
+        """Talk to the server until :meth:`stop`; never raises on network trouble.
+
+        The link runs :meth:`serve` on a thread of its own; this coroutine waits for it.
+        Cancelling it asks the link to stop (it still finishes storing running tasks).
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        def body() -> None:
+            err: BaseException | None = None
+            try:
+                self.serve()
+            except BaseException as exc:  # handed to the awaiting coroutine
+                err = exc
+            try:
+                loop.call_soon_threadsafe(settle, err)
+            except RuntimeError:  # the loop is gone: nobody waits any more
+                pass
+
+        thread = threading.Thread(target=body, name=f"fedgate-uplink-{self.agent_name}", daemon=True)
+        thread.start()
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            self.stop()
+            raise
+        finally:
+            if not thread.is_alive() or done.done():
+                thread.join(_STOP_WAIT_S)
+
+    def serve(self) -> None:
+        """Talk to the server until :meth:`stop` (blocking); never raises on network trouble."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ThreadPoolExecutor-uplink")
-        ctx = zmq.asyncio.Context()
+        ctx = zmq.Context()
         attempt = 0
         try:
-            while not self._stop_event.is_set():
+            while not self._stop_requested:
                 sock = make_dealer(ctx, self.cfg, self._keys, self._heartbeat_s())
                 self._sock = sock
-                self._sync = zmq.Socket.shadow(sock.underlying)
                 welcomed = refused = False
                 try:
-                    welcomed, refused = await self._session(sock)
+                    welcomed, refused = self._session(sock)
                 except (FedgateError, zmq.ZMQError, OSError) as exc:
                     self.counters["session_errors"] += 1
                     log.warning("uplink session to %s failed: %s", self.cfg.server, exc)
                 finally:
-                    self._sock = self._sync = None
+                    self._sock = None
                     self._registered = False
+                    self._unsent.clear()  # they stay in the outbox; re-sent after the next welcome
                     sock.close(linger=LINGER_MS)  # bounded: lets a final bye leave
-                if self._stop_event.is_set():
+                if self._stop_requested:
                     break
                 attempt = 0 if welcomed else attempt + 1
                 delay = self.cfg.reconnect_delay_max_s if refused else self._backoff(attempt)
                 self.counters["reconnects"] += 1
                 log.info("uplink: reconnecting to %s in %.1fs", self.cfg.server, delay)
-                try:
-                    await asyncio.wait_for(self._stop_event.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                self._sleep(delay)
         finally:
-            await self._finish_tasks()
+            self._finish_tasks()
             self._executor.shutdown(wait=True, cancel_futures=True)
             ctx.term()
             self._outbox.sync()  # results stored just before stopping: on disk, not only in the OS cache
@@ -160,23 +204,20 @@ class Uplink:
             log.info("uplink stopped")
 
     def stop(self) -> None:
-        """Ask :meth:`run` to say ``bye`` and return (safe from any thread)."""
+        """Ask :meth:`serve` / :meth:`run` to say ``bye`` and return (safe from any thread)."""
         self._stop_requested = True
-        loop, ev = self._loop, self._stop_event
-        if loop is None or ev is None or loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            ev.set()
-        else:
-            loop.call_soon_threadsafe(ev.set)
+        self._wake()
 
     def close(self) -> None:
         """Release the state file (after :meth:`run` has returned)."""
         self._outbox.close()
+        if not self._closed:
+            self._closed = True
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def status(self) -> dict[str, Any]:
         """A snapshot for ``fedgate-agent status``: link state, rounds, outbox, counters."""
@@ -184,6 +225,14 @@ class Uplink:
             self._outbox_count = self._outbox.count()
         except FedgateError:
             pass
+        for _ in range(5):  # the link thread may add a counter while this copies
+            try:
+                counters = dict(self.counters)
+                break
+            except RuntimeError:
+                continue
+        else:
+            counters = {}
         return {
             "server": self.cfg.server,
             "agent": self.agent_name,
@@ -196,8 +245,36 @@ class Uplink:
             "outbox": self._outbox_count,
             "running_tasks": len(self._running),
             "refused": None if self._refusal is None else dict(self._refusal),
-            "counters": dict(self.counters),
+            "counters": counters,
         }
+
+    # ------------------------------------------------------------------ waking and waiting
+    def _wake(self) -> None:
+        if self._closed:
+            return
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):  # full pipe: the loop is awake anyway
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _sleep(self, delay_s: float) -> None:
+        """Wait ``delay_s`` or until :meth:`stop`."""
+        deadline = time.monotonic() + delay_s
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._stop_requested:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if poller.poll(int(left * 1000) + 1):
+                self._drain_wake()
 
     # ------------------------------------------------------------------ session
     def _heartbeat_s(self) -> float:
@@ -216,16 +293,19 @@ class Uplink:
         d = min(self.cfg.reconnect_delay_max_s, self.cfg.reconnect_delay_s * 2.0 ** max(0, min(attempt - 1, 30)))
         return random.uniform(d / 2, d)
 
-    async def _session(self, sock: zmq.asyncio.Socket) -> tuple[bool, bool]:
+    def _session(self, sock: zmq.Socket) -> tuple[bool, bool]:
         """One connection's life. Returns (was welcomed, was refused)."""
-        assert self._stop_event is not None
         now = time.monotonic()
         started = last_rx = now
         next_hello = now
         next_hb = float("inf")
         welcomed = False
         hello: dict[str, Any] | None = None  # asked of the handler once per (re)registration
-        while not self._stop_event.is_set():
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        wake_r = self._wake_r
+        while not self._stop_requested:
             now = time.monotonic()
             if not self._registered:
                 if welcomed and now - last_rx > self._dead_after_s():
@@ -236,29 +316,34 @@ class Uplink:
                     return False, False
                 if now >= next_hello:
                     hello = hello or self._hello_fields()
-                    sent = self._send_nowait(sock, MsgType.HELLO, hello)
+                    sent = self._send_small(sock, MsgType.HELLO, hello)
                     next_hello = now + (max(1.0, self._heartbeat_s()) if sent else 0.02)
             else:
                 if now - last_rx > self._dead_after_s():
                     return self._dead(now - last_rx), False
                 if now >= next_hb:
-                    self._send_nowait(sock, MsgType.HEARTBEAT, {"agent": self.agent_name})
+                    self._send_small(sock, MsgType.HEARTBEAT, {"agent": self.agent_name})
                     next_hb = now + self._heartbeat_s()
             due = next_hb if self._registered else next_hello
             timeout_s = min(_TICK_S, max(0.0, due - now))
-            if not await sock.poll(int(timeout_s * 1000) + 1, zmq.POLLIN):
+            if self._unsent:
+                poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
+            events = dict(poller.poll(int(timeout_s * 1000) + 1))
+            if self._unsent:
+                poller.modify(sock, zmq.POLLIN)
+            if wake_r in events:
+                self._drain_wake()
+            if self._done:
+                self._collect_done()
+            if self._unsent and self._registered:
+                self._flush_unsent()
+            if sock not in events:
                 continue
-            # drain everything queued with cheap non-blocking receives (no future per message)
-            sync = self._sync
-            assert sync is not None
-            while True:
-                try:
-                    frames = sync.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
+            while sock.get(zmq.EVENTS) & zmq.POLLIN:  # drain everything queued (no EAGAIN to raise)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 last_rx = time.monotonic()
                 self._last_contact_ts = time.time()
-                outcome = await self._dispatch(sock, frames)
+                outcome = self._dispatch(frames)
                 if outcome == "welcome":
                     welcomed = True
                     next_hb = time.monotonic() + self._heartbeat_s()
@@ -267,10 +352,11 @@ class Uplink:
                 elif outcome == "reregister":
                     next_hello = time.monotonic()
                     hello = None
-                if self._stop_event.is_set():
+                if self._stop_requested:
                     break
         if self._registered:
-            self._send_nowait(sock, MsgType.BYE, {"agent": self.agent_name})
+            self._collect_done()
+            self._send_small(sock, MsgType.BYE, {"agent": self.agent_name})
         return welcomed, False
 
     def _dead(self, silent_s: float) -> bool:
@@ -290,16 +376,12 @@ class Uplink:
         return fields
 
     # ------------------------------------------------------------------ sending
-    def _send_nowait(self, sock: zmq.asyncio.Socket, msg_type: MsgType, fields: dict[str, Any]) -> bool:
+    def _send_small(self, sock: zmq.Socket, msg_type: MsgType, fields: dict[str, Any]) -> bool:
         """Send a small message now or not at all (nothing is queued to a missing peer)."""
         frames = protocol.encode(msg_type, fields)
-        exc: zmq.ZMQError | None = None
         try:
-            (self._sync or zmq.Socket.shadow(sock.underlying)).send_multipart(frames, flags=zmq.NOBLOCK,
-                                                                              copy=False)
-        except zmq.ZMQError as err:
-            exc = err
-        if exc is not None:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
             self.counters["send_blocked" if isinstance(exc, zmq.Again) else "send_errors"] += 1
             log.debug("uplink: %s not sent: %s", msg_type.value, exc)
             return False
@@ -307,81 +389,95 @@ class Uplink:
         return True
 
     def _count_out(self, msg_type: MsgType, frames: Sequence[Any]) -> None:
-        self.counters[f"sent_{msg_type.value}"] += 1
-        self.counters["bytes_out"] += sum(len(memoryview(f)) for f in frames)
+        c = self.counters
+        c[f"sent_{msg_type.value}"] += 1
+        c["bytes_out"] += sum(len(f) for f in frames)
 
-    async def _send_result(self, entry: OutboxEntry, *, resend: bool = False) -> bool:
-        """Send a stored result on the current connection, if registered."""
+    def _send_result(self, entry: OutboxEntry, *, resend: bool = False) -> bool:
+        """Send a stored result on the current connection, if registered.
+
+        A full send queue keeps the result for the next loop turn (the socket is then
+        polled for room); it stays in the outbox whatever happens.
+        """
         sock = self._sock
         if sock is None or not self._registered:
             return False
         frames = protocol.encode(MsgType.RESULT, entry.fields, entry.payload)
         try:
-            try:  # fast path: the queue has room
-                (self._sync or zmq.Socket.shadow(sock.underlying)).send_multipart(
-                    frames, flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                await asyncio.wait_for(sock.send_multipart(frames, copy=False), self._dead_after_s())
-        except (asyncio.TimeoutError, zmq.ZMQError) as exc:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if all(e.task_id != entry.task_id for e in self._unsent):
+                self._unsent.append(entry)
+            self.counters["result_send_queued"] += 1
+            return False
+        except zmq.ZMQError as exc:
             self.counters["result_send_failed"] += 1
-            log.info("uplink: result of task %s not sent (%s); kept in the outbox", entry.task_id, exc or "timeout")
+            log.info("uplink: result of task %s not sent (%s); kept in the outbox", entry.task_id, exc)
             return False
         self._count_out(MsgType.RESULT, frames)
         if resend:
             self.counters["results_resent"] += 1
         return True
 
-    async def _resend_outbox(self) -> None:
+    def _flush_unsent(self) -> None:
+        while self._unsent:
+            entry = self._unsent.popleft()
+            if self._outbox.get(entry.task_id) is None:  # committed or rejected meanwhile
+                continue
+            if not self._send_result(entry):
+                break  # _send_result put it back
+
+    def _resend_outbox(self) -> None:
         for entry in self._outbox.pending():
             if entry.task_id in self._running:
                 continue
-            if not await self._send_result(entry, resend=True):
+            if not self._send_result(entry, resend=True):
                 break
 
     # ------------------------------------------------------------------ receiving
-    async def _dispatch(self, sock: zmq.asyncio.Socket, frames: list[zmq.Frame]) -> str:
-        self.counters["bytes_in"] += sum(len(f.buffer) for f in frames)
+    def _dispatch(self, frames: list[zmq.Frame]) -> str:
+        self.counters["bytes_in"] += sum(len(f) for f in frames)
         try:
             msg = protocol.decode(frames)
         except ProtocolError as exc:
             self.counters["bad_messages"] += 1
             log.warning("uplink: malformed message from %s: %s", self.cfg.server, exc)
             return ""
-        self.counters[f"received_{msg.type.value}"] += 1
+        mt = msg.type
+        self.counters[f"received_{mt.value}"] += 1
         f = msg.fields
-        if msg.type is MsgType.WELCOME:
-            return await self._on_welcome(f)
-        if msg.type is MsgType.REFUSE:
+        if not self._registered and mt not in (MsgType.WELCOME, MsgType.REFUSE, MsgType.ERROR):
+            self.counters["ignored_unregistered"] += 1
+            return ""
+        if mt is MsgType.TASK:
+            self._on_task(f, msg.payload)
+        elif mt is MsgType.ACK:
+            self._on_ack(f)
+        elif mt is MsgType.COMMITTED:
+            self._on_committed(int(f["round"]))
+        elif mt is MsgType.MODEL:
+            self._on_model(f, msg.payload)
+        elif mt is MsgType.WELCOME:
+            return self._on_welcome(f)
+        elif mt is MsgType.REFUSE:
             self._refusal = f
             self._registered = False
             log.error("uplink: server %s refused this agent (%s): %s; missing features: %s",
                       self.cfg.server, f["code"], f["message"], ", ".join(f.get("missing") or []) or "none")
             return "refuse"
-        if msg.type is MsgType.ERROR:
+        elif mt is MsgType.ERROR:
             self.counters[f"error_{f['code']}"] += 1
             if f["code"] == protocol.ErrorCode.NOT_REGISTERED.value:
                 log.info("uplink: server no longer knows this agent (restarted?); registering again")
                 self._registered = False
                 return "reregister"
             log.warning("uplink: server error %s: %s", f["code"], f["message"])
-            return ""
-        if not self._registered:
-            self.counters["ignored_unregistered"] += 1
-            return ""
-        if msg.type is MsgType.TASK:
-            self._on_task(f, msg.payload)
-        elif msg.type is MsgType.ACK:
-            self._on_ack(f)
-        elif msg.type is MsgType.COMMITTED:
-            self._on_committed(int(f["round"]))
-        elif msg.type is MsgType.MODEL:
-            self._on_model(f, msg.payload)
-        elif msg.type is not MsgType.HEARTBEAT:
+        elif mt is not MsgType.HEARTBEAT:
             self.counters["unexpected_messages"] += 1
-            log.warning("uplink: unexpected %s message from the server", msg.type.value)
+            log.warning("uplink: unexpected %s message from the server", mt.value)
         return ""
 
-    async def _on_welcome(self, f: dict[str, Any]) -> str:
+    def _on_welcome(self, f: dict[str, Any]) -> str:
         self._welcome = f
         self._refusal = None
         self._registered = True
@@ -389,7 +485,7 @@ class Uplink:
         self._task_models.reset()
         log.info("uplink: welcome to federation %s at round %d (heartbeat %.1fs)",
                  f["federation"], f["round"], f["heartbeat_s"])
-        await self._resend_outbox()
+        self._resend_outbox()
         return "welcome"
 
     def _on_task(self, f: dict[str, Any], payload: memoryview | None) -> None:
@@ -401,43 +497,54 @@ class Uplink:
         stored = self._outbox.get(task.task_id)
         if stored is not None:
             self.counters["tasks_duplicate"] += 1
-            assert self._loop is not None
-            self._loop.create_task(self._send_result(stored, resend=True))
+            self._send_result(stored, resend=True)
             return
         self.counters["tasks_received"] += 1
+        decoded: np.ndarray | None = None
         if payload is not None:
             got = self._task_models.from_task(task, payload, self._last_committed)
-            if got is not None:
-                self._deliver_model(*got, from_task=True)
+            if got is not None:  # its round is committed: hand the model over now, decoded once for both
+                decoded = self._deliver_model(*got, from_task=True)
         # the memoryview keeps its zmq frame alive; no copy of the global params here
-        runner = asyncio.get_running_loop().create_task(self._run_task(task, payload))
-        self._running[task.task_id] = runner
-
-    async def _run_task(self, task: Task, payload: memoryview | None) -> None:
         assert self._executor is not None
-        loop = asyncio.get_running_loop()
-        try:
-            entry = await loop.run_in_executor(self._executor, self._work, task, payload)
-        except Exception as exc:  # the handler's failure must not end the uplink
-            self.counters["tasks_failed"] += 1
-            log.error("uplink: %s task %s of round %d failed: %s", task.kind, task.task_id, task.round, exc)
-            return
-        finally:
-            self._running.pop(task.task_id, None)
-        self.counters["tasks_done"] += 1
-        self._outbox_count += 1
-        await self._send_result(entry)
+        fut = self._executor.submit(self._work, task, payload, decoded)
+        self._running[task.task_id] = fut
+        fut.add_done_callback(lambda fu, t=task: self._task_finished(t, fu))
 
-    def _work(self, task: Task, payload: memoryview | None) -> OutboxEntry:
+    def _task_finished(self, task: Task, fut: Future[OutboxEntry]) -> None:
+        """Worker thread (or at once): queue the outcome for the link thread and wake it."""
+        self._done.append((task, fut))
+        self._wake()
+
+    def _collect_done(self) -> None:
+        while self._done:
+            task, fut = self._done.popleft()
+            self._running.pop(task.task_id, None)
+            try:
+                entry = fut.result()
+            except Exception as exc:  # the handler's failure must not end the uplink
+                self.counters["tasks_failed"] += 1
+                log.error("uplink: %s task %s of round %d failed: %s", task.kind, task.task_id, task.round, exc)
+                continue
+            self.counters["tasks_done"] += 1
+            self._outbox_count += 1
+            self._send_result(entry)
+
+    def _work(self, task: Task, payload: memoryview | None, decoded: np.ndarray | None = None) -> OutboxEntry:
         """Worker thread: decode the global params, run the handler, encode and store."""
         t0 = time.perf_counter()
-        global_params = None if payload is None else self._encoder.decode(payload, check_crc=self.cfg.insecure)
+        global_params = decoded
+        if payload is not None and decoded is None:
+            global_params = self._encoder.decode(payload, check_crc=self.cfg.insecure)
+            global_params.flags.writeable = False  # shared with a model handed over later
+            self._decoded = (payload, global_params)
         outcome = self.handler.run_task(task, global_params)
         t1 = time.perf_counter()
         entry = self._encoder.store(task, outcome, global_params)
         t2 = time.perf_counter()
-        self.counters["handler_s_total"] += t1 - t0
-        self.counters["store_s_total"] += t2 - t1
+        c = self.counters
+        c["handler_s_total"] += t1 - t0
+        c["store_s_total"] += t2 - t1
         return entry
 
     def _on_ack(self, f: dict[str, Any]) -> None:
@@ -461,19 +568,26 @@ class Uplink:
         self._task_models.model_message(int(f["round"]))
         self._deliver_model(f, payload)
 
-    def _deliver_model(self, f: dict[str, Any], payload: memoryview, *, from_task: bool = False) -> None:
+    def _deliver_model(self, f: dict[str, Any], payload: memoryview, *,
+                       from_task: bool = False) -> np.ndarray | None:
+        """Decode a global model and hand it to the handler; returns its (read-only) params."""
         if from_task:
             if not self._task_models.newer(int(f["round"])):
-                return
+                return None
             self.counters["models_from_tasks"] += 1
         try:
-            params = self._encoder.decode(payload, check_crc=self.cfg.insecure)
+            decoded = self._decoded
+            if decoded is not None and decoded[0] is payload:  # the worker decoded it already
+                params = decoded[1]
+            else:
+                params = self._encoder.decode(payload, check_crc=self.cfg.insecure)
+                params.flags.writeable = False
             model = GlobalModel(round=int(f["round"]), spec=dict(f["spec"]), features=list(f["features"]),
                                 label=str(f["label"]), scaler=f.get("scaler"), params=params)
         except ProtocolError as exc:
             self.counters["bad_messages"] += 1
             log.warning("uplink: model of round %s undecodable: %s", f.get("round"), exc)
-            return
+            return None
         tm = self._task_models
         tm.delivered = model.round if tm.delivered is None else max(tm.delivered, model.round)
         try:
@@ -481,13 +595,19 @@ class Uplink:
         except Exception as exc:  # the handler's failure must not end the uplink
             self.counters["model_handler_errors"] += 1
             log.error("uplink: handler refused the model of round %d: %s", model.round, exc)
-            return
+            return params
         self.counters["models"] += 1
+        return params
 
-    async def _finish_tasks(self) -> None:
-        if not self._running:
-            return
-        log.info("uplink: waiting for %d running task(s) to store their results", len(self._running))
-        done, pending = await asyncio.wait(list(self._running.values()), timeout=_STOP_WAIT_S)
-        for t in pending:
-            t.cancel()
+    def _finish_tasks(self) -> None:
+        """Let running tasks store their results (bounded), then send none of them."""
+        if self._running:
+            log.info("uplink: waiting for %d running task(s) to store their results", len(self._running))
+            deadline = time.monotonic() + _STOP_WAIT_S
+            for fut in list(self._running.values()):
+                try:
+                    fut.result(max(0.0, deadline - time.monotonic()))
+                except Exception:  # noqa: BLE001 - failures were or will be counted by _collect_done
+                    pass
+        self._registered = False
+        self._collect_done()

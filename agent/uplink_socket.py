@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
-import zmq.asyncio
 
 from fedgate.agent.uplink_types import UplinkConfig
 from fedgate.core.errors import SecurityError
@@ -66,8 +65,8 @@ def _as_bytes(key: str | bytes) -> bytes:
     return key.encode("ascii") if isinstance(key, str) else bytes(key)
 
 
-def make_dealer(ctx: zmq.asyncio.Context, cfg: UplinkConfig, keys: CurveKeys | None,
-                heartbeat_s: float) -> zmq.asyncio.Socket:
+def make_dealer(ctx: zmq.Context, cfg: UplinkConfig, keys: CurveKeys | None,
+                heartbeat_s: float) -> zmq.Socket:
     """A DEALER connected to ``cfg.server`` with CURVE (unless ``keys`` is None).
 
     Options (ops notes 1.7): reconnect interval with exponential back-off, ZMTP

@@ -179,7 +179,9 @@ class TaskHandler(Protocol):
     """Implemented by the agent's trainer.
 
     ``run_task`` blocks (the uplink calls it in a worker thread, so heartbeats go on);
-    ``on_model`` is called in the event-loop thread and must return quickly.
+    its ``global_params`` are read-only (the same array may later reach ``on_model``).
+    ``on_model`` is called on the uplink's thread and must return quickly; its
+    ``model.params`` are read-only too.
     """
 
     def hello_info(self) -> HelloInfo: ...

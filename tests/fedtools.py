@@ -19,7 +19,6 @@ tests and ``benchmarks/bench_round.py``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -222,22 +221,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
     uplink = Uplink(cfg, agent_name=args.name, db_path=args.db, handler=handler)
     cpu_start = time.process_time()
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, uplink.stop)
-        await uplink.run()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: uplink.stop())
 
     if args.profile:
         import cProfile
 
-        prof = cProfile.Profile(time.thread_time)  # CPU of the event-loop thread, not wall time
+        prof = cProfile.Profile(time.thread_time)  # CPU of the link thread, not wall time
         prof.enable()
-        asyncio.run(main())
+        uplink.serve()
         prof.disable()
         prof.dump_stats(args.profile)
     else:
-        asyncio.run(main())
+        uplink.serve()  # the link on this (main) thread: no event loop in a test agent
     threads_cpu = _thread_cpu_s()
     status = uplink.status()
     uplink.close()
