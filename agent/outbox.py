@@ -12,27 +12,37 @@ Durability, precisely (WAL mode, ``synchronous=NORMAL`` on the outbox's connecti
   OS: it is in the kernel's page cache, not only in this process. A ``kill -9`` (or
   any crash) of the agent at any later moment loses nothing, so the uplink sends the
   result right after ``put`` without waiting for the disk.
-* Power loss or a kernel crash is covered *shortly after*: every stored result wakes a
-  background thread (``outbox-harden``) that ``fsync``-s the WAL and the database
-  file, coalescing all writes made meanwhile (one fsync per burst, off the send
-  path). Only results written in the last few milliseconds before a power cut can
-  be lost; such a result was at most just sent, and the server, which never counts
-  a task twice and re-issues nothing it did not aggregate, closes the round without
-  it (as for an agent that died mid-round). Deletes (of committed or rejected
-  results) are hardened with the next stored result: one lost to a power cut only
-  brings back a result the server refuses as stale. :meth:`Outbox.sync` hardens on
-  demand and :meth:`Outbox.close` always does.
+* Power loss or a kernel crash is covered *shortly after*: a stored result wakes a
+  background thread (``outbox-harden``) that ``fdatasync``-s the slot files, the WAL
+  and (when a checkpoint changed it) the database file, coalescing every write made
+  meanwhile: one pass per burst, at most one per ``25 ms``, off the send path. Only
+  results written in the last few tens of milliseconds before a power cut can be
+  lost; such a result was at most just sent, and the server, which never counts a
+  task twice and re-issues nothing it did not aggregate, closes the round without it
+  (as for an agent that died mid-round). :meth:`Outbox.sync` hardens on demand and
+  :meth:`Outbox.close` always does.
+* Deletes are lazy. :meth:`Outbox.drop_through` (a committed round) takes the rows
+  out of the outbox at once in memory -- :meth:`~Outbox.get`, :meth:`~Outbox.pending`
+  and :meth:`~Outbox.count` never return them again -- and the ``DELETE`` itself
+  rides in the transaction of the next stored result (or runs when the background
+  thread has seen no write for ``linger_s``, or on :meth:`~Outbox.sync`,
+  :meth:`~Outbox.pending` and :meth:`~Outbox.close`). A delete lost to a crash or a
+  power cut only brings back a result of a committed round: the restarted agent
+  re-sends it, the server refuses it as stale and the agent then removes it.
 * The WAL is checkpointed into the database by the same thread (the outbox's own
   connection never checkpoints inline, so a large payload never puts an fsync on
   the send path).
 
 The table lives beside the agent's own tables in the same file (WAL mode, so the
-agent's store and the uplink can both use it). Payloads of 64 KiB or more are kept
-in reusable slot files beside it (``<state file>.outbox/``, see
+agent's store and the uplink can both use it). The outbox keeps an index of its rows
+in memory (task id, round, payload slot and length, and the entry itself while its
+payload is small enough to keep), so :meth:`~Outbox.get`, :meth:`~Outbox.count` and
+:meth:`~Outbox.drop_through` touch no disk. Payloads of 8 KiB or more are kept in
+reusable slot files beside it (``<state file>.outbox/``, see
 :mod:`fedgate.agent.outbox_slots`): the file is written before the row that names it
-(with its length and CRC-32), both are fsynced by the same background pass (slots
-first), and a row whose slot does not hold exactly its payload is dropped with an
-error and counted (:attr:`Outbox.corrupt_payloads`), never sent.
+(with its length and CRC-32), both are fsynced by the same background pass, and a
+row whose slot does not hold exactly its payload is dropped with an error and
+counted (:attr:`Outbox.corrupt_payloads`), never sent.
 
 >>> import tempfile, os
 >>> box = Outbox(os.path.join(tempfile.mkdtemp(), "state.db"))
@@ -57,15 +67,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedgate.agent.outbox_slots import SLOT_MIN_BYTES, PayloadSlots
+from fedgate.agent.outbox_slots import SLOT_MIN_BYTES, PayloadSlots, payload_crc
 from fedgate.core.errors import StoreError
 
 __all__ = ["Outbox", "OutboxEntry"]
 
 log = logging.getLogger(__name__)
 
-_HARDEN_IDLE_S = 0.5           # the background thread exits after this long without writes
+_HARDEN_SPACING_S = 0.025        # at most one background fsync pass this often (coalesces fast rounds)
 _CHECKPOINT_WAL_BYTES = 1 << 20  # checkpoint the WAL (off the send path) once it is this large
+_CACHE_BYTES = 64 << 20          # payload bytes of stored entries kept in memory for get()/pending()
+_TRUST_MTIME_NS = 1_000_000_000  # a file time this old changes on the next write (coarse kernel clock)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uplink_outbox (
@@ -77,11 +89,14 @@ CREATE TABLE IF NOT EXISTS uplink_outbox (
     created_ts REAL NOT NULL,
     sends      INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS uplink_outbox_round ON uplink_outbox(round);
 """
 # payloads of SLOT_MIN_BYTES or more live in slot files (fedgate.agent.outbox_slots)
 _SLOT_COLUMNS = (("payload_slot", "INTEGER"), ("payload_len", "INTEGER"), ("payload_crc", "INTEGER"))
 _COLUMNS = "task_id, round, kind, fields, payload, created_ts, sends, payload_slot, payload_len, payload_crc"
+_INSERT = f"INSERT OR REPLACE INTO uplink_outbox({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+_DROP = "DELETE FROM uplink_outbox WHERE round <= ?"
+_REMOVE = "DELETE FROM uplink_outbox WHERE task_id = ?"
+_encode_fields = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,59 +138,76 @@ class Outbox:
     db_path : str or Path
         The agent's state database; created if missing. The table
         ``uplink_outbox`` is created on first use.
+    linger_s : float
+        How long the background thread waits for more writes before it applies
+        deferred deletes, hardens them and exits.
 
     Notes
     -----
-    Thread-safe: the uplink stores results from its worker thread and deletes them
-    from its event-loop thread. SQLite and OS errors become :class:`StoreError`
-    (a failed background fsync is logged and counted in :attr:`harden_errors`, and
-    retried on the next write or :meth:`sync`).
+    Thread-safe: the uplink may store results from one thread and delete them from
+    another. :meth:`get` may return the very :class:`OutboxEntry` given to
+    :meth:`put` (treat it as read-only). SQLite and OS errors become
+    :class:`StoreError` (a failed background fsync is logged and counted in
+    :attr:`harden_errors`, and retried on the next write or :meth:`sync`).
     """
 
-    def __init__(self, db_path: str | Path) -> None:
+    def __init__(self, db_path: str | Path, *, linger_s: float = 0.5) -> None:
         self.path = Path(db_path)
         self._wal_path = self.path.with_name(self.path.name + "-wal")
-        self._lock = threading.Lock()
+        self._linger_s = float(linger_s)
+        self._lock = threading.Lock()           # the connection, the index, the slots
         self._hlock = threading.Lock()          # guards the hardening state below
         self._sync_lock = threading.Lock()      # one fsync pass at a time
         self._sync_fds: dict[Path, int] = {}    # see _sync_fd: never closed before close()
         self._stale_fds: list[int] = []
-        self._wake = threading.Condition(self._hlock)
+        self._db_synced: tuple[int, int] | None = None  # (mtime_ns, size) of the database file at its last fsync
+        self._wake = threading.Condition(self._hlock)   # a pass finished (wait_durable)
+        self._work = threading.Condition(self._hlock)   # a write to harden (the harden thread)
         self._written = 1                       # writes committed so far (the schema is the first)
         self._hardened = 0                      # writes known to be on stable storage
         self._thread: threading.Thread | None = None
+        self._sleeping = False                  # the harden thread waits for a write (needs a notify)
         self._closing = False
+        # task_id -> (round, slot or None, payload length, the entry if kept in memory)
+        self._index: dict[str, tuple[int, int | None, int, OutboxEntry | None]] = {}
+        self._cached_bytes = 0
+        self._drop_round: int | None = None     # a deferred DELETE of the rounds <= this
+        self._drop_slots: list[int] = []        # slots free once that DELETE committed
         self.harden_errors = 0
-        self.fsyncs = 0
+        self.fsyncs = 0                         # background (or sync()) passes
+        self.fsync_calls = 0                    # fsync/fdatasync system calls they made
         self.checkpoints = 0
         self.checkpointed = 0                   # writes moved from the WAL into the database file
+        self.corrupt_payloads = 0
         self._wal_bytes = 0                     # about how much the WAL holds since it last started over
         self._backfilled = False                # the last checkpoint moved every frame: the WAL starts over
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on the harden thread
-            self._db.execute("PRAGMA busy_timeout=30000")
-            self._db.execute("PRAGMA cache_size=-16384")  # a 4 MB payload fits: cheaper deletes
-            self._db.executescript(_SCHEMA)
-            have = {r[1] for r in self._db.execute("PRAGMA table_info(uplink_outbox)")}
+            self._db: sqlite3.Connection | None = sqlite3.connect(
+                str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
+            db = self._db
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on the harden thread
+            db.execute("PRAGMA busy_timeout=30000")
+            db.executescript(_SCHEMA)
+            # the outbox holds a few rows: an index on round only costs a page per write
+            db.execute("DROP INDEX IF EXISTS uplink_outbox_round")
+            have = {r[1] for r in db.execute("PRAGMA table_info(uplink_outbox)")}
             for name, kind in _SLOT_COLUMNS:
                 if name not in have:  # a state file from before slot files
-                    self._db.execute(f"ALTER TABLE uplink_outbox ADD COLUMN {name} {kind}")
-            self._slot_of: dict[str, tuple[int, int]] = {}   # task_id -> (round, slot)
+                    db.execute(f"ALTER TABLE uplink_outbox ADD COLUMN {name} {kind}")
             self._slots = PayloadSlots(self.path.with_name(self.path.name + ".outbox"))
-            for tid, rnd, slot in self._db.execute(
-                    "SELECT task_id, round, payload_slot FROM uplink_outbox WHERE payload_slot IS NOT NULL"):
-                self._slot_of[tid] = (int(rnd), int(slot))
-                self._slots.mark_used(int(slot))
+            for tid, rnd, slot, length in db.execute(
+                    "SELECT task_id, round, payload_slot, COALESCE(payload_len, LENGTH(payload), 0) "
+                    "FROM uplink_outbox"):
+                self._index[tid] = (int(rnd), None if slot is None else int(slot), int(length), None)
+                if slot is not None:
+                    self._slots.mark_used(int(slot))
         except sqlite3.Error as exc:
             raise StoreError(f"outbox {self.path}: cannot open: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"outbox {self.path}: cannot open its payload slots: {exc}") from exc
-        self.corrupt_payloads = 0
         self._fsync_dir()
         self.sync()
 
@@ -186,43 +218,72 @@ class Outbox:
 
         A second ``put`` of the same task_id replaces the first (a re-run task).
         """
-        text = json.dumps(entry.fields, allow_nan=False)
-        payload = None if entry.payload is None else memoryview(entry.payload).cast("B")
-        sql = (f"INSERT OR REPLACE INTO uplink_outbox({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)")
-        if payload is None or len(payload) < SLOT_MIN_BYTES:
-            row = (entry.task_id, entry.round, entry.kind, text, payload, entry.created_ts, entry.sends,
-                   None, None, None)
-            self._write(sql, row, 1024 + len(text) + (0 if payload is None else len(payload)),
-                        release=(entry.task_id,))
-            return
-        with self._lock:  # the file first, then the row that names it
+        text = _encode_fields(entry.fields)
+        payload = entry.payload
+        if payload is None or type(payload) is bytes:
+            view: bytes | memoryview | None = payload
+            n = 0 if payload is None else len(payload)
+        else:
+            view = memoryview(payload).cast("B")
+            n = view.nbytes
+        tid = entry.task_id
+        with self._lock:
             self._conn()
-            slot = self._slots.claim()
+            slot = None
+            if n >= SLOT_MIN_BYTES:  # the file first, then the row that names it
+                assert view is not None
+                slot = self._slots.claim()
+                crc = payload_crc(view)
+                try:
+                    self._slots.write(slot, tid, view, crc)
+                except OSError as exc:
+                    self._slots.release(slot)
+                    raise StoreError(f"outbox {self.path}: cannot write payload slot {slot}: {exc}") from exc
+                row = (tid, entry.round, entry.kind, text, None, entry.created_ts, entry.sends, slot, n, crc)
+                nbytes = 4096 + len(text)
+            else:
+                row = (tid, entry.round, entry.kind, text, view, entry.created_ts, entry.sends, None, None, None)
+                nbytes = 4096 + len(text) + n
             try:
-                crc = self._slots.write(slot, entry.task_id, payload)
-            except OSError as exc:
-                self._slots.release(slot)
-                raise StoreError(f"outbox {self.path}: cannot write payload slot {slot}: {exc}") from exc
-            row = (entry.task_id, entry.round, entry.kind, text, None, entry.created_ts, entry.sends,
-                   slot, len(payload), crc)
-            try:
-                self._write(sql, row, 1024 + len(text), release=(entry.task_id,), locked=True)
+                self._commit(_INSERT, row)
             except StoreError:
                 self._slots.release(slot)
                 raise
-            self._slot_of[entry.task_id] = (entry.round, slot)
+            self._unindex(tid)  # a replaced row (its slot is free now)
+            keep = (view is None or view is payload) and self._cached_bytes + n <= _CACHE_BYTES
+            if keep:
+                self._cached_bytes += n
+            self._index[tid] = (entry.round, slot, n, entry if keep else None)
+            self._kick(nbytes, harden=True)
 
     def remove(self, task_id: str) -> bool:
         """Delete one entry; True if it was there."""
-        return self._write("DELETE FROM uplink_outbox WHERE task_id = ?", (task_id,), 4096, harden=False,
-                           release=(task_id,)) > 0
+        with self._lock:
+            self._conn()
+            n = self._commit(_REMOVE, (task_id,))
+            self._unindex(task_id)
+            self._kick(4096, harden=False)
+        return n > 0
 
     def drop_through(self, round_: int) -> int:
-        """Delete every entry of a round ``<= round_`` (those rounds are committed)."""
+        """Drop every entry of a round ``<= round_`` (those rounds are committed); how many.
+
+        They are gone at once for :meth:`get`, :meth:`pending` and :meth:`count`; the
+        ``DELETE`` is deferred (see the module docstring).
+        """
+        r = int(round_)
         with self._lock:
-            gone = tuple(t for t, (r, _) in self._slot_of.items() if r <= round_)
-        return self._write("DELETE FROM uplink_outbox WHERE round <= ?", (int(round_),), 4096, harden=False,
-                           release=gone)
+            self._conn()
+            gone = [tid for tid, meta in self._index.items() if meta[0] <= r]
+            for tid in gone:
+                _, slot, n, kept = self._index.pop(tid)
+                if kept is not None:
+                    self._cached_bytes -= n
+                if slot is not None:
+                    self._drop_slots.append(slot)  # still named by a row until the DELETE commits
+            if gone:
+                self._drop_round = r if self._drop_round is None else max(self._drop_round, r)
+        return len(gone)
 
     # -- durability ---------------------------------------------------------------
     @property
@@ -233,12 +294,17 @@ class Outbox:
 
     @property
     def durable(self) -> bool:
-        """True when every write so far has been fsynced (deletes are hardened lazily)."""
+        """True when every write so far has been fsynced and no delete is deferred."""
         with self._hlock:
-            return self._hardened >= self._written
+            return self._hardened >= self._written and self._drop_round is None
 
     def sync(self) -> bool:
-        """fsync every write made so far now (in the calling thread); True on success."""
+        """Apply deferred deletes and fsync every write made so far now (in the calling
+        thread); True on success."""
+        with self._lock:
+            if self._db is None:
+                return self.durable
+            self._flush_drop()
         with self._hlock:
             target = self._written
         return self._harden(target)
@@ -258,75 +324,125 @@ class Outbox:
     # -- reads --------------------------------------------------------------------
     def get(self, task_id: str) -> OutboxEntry | None:
         """The entry for ``task_id``, or None."""
+        self._conn()
+        meta = self._index.get(task_id)
+        if meta is None:
+            return None
+        if meta[3] is not None:
+            return meta[3]
         rows = self._read(f"SELECT {_COLUMNS} FROM uplink_outbox WHERE task_id = ?", (task_id,))
-        entries = self._entries(rows)
+        entries = self._entries(rows, {})
         return entries[0] if entries else None
 
     def pending(self) -> list[OutboxEntry]:
         """Every stored entry, oldest round first."""
+        with self._lock:
+            self._conn()
+            self._flush_drop()
+            kept = {tid: meta[3] for tid, meta in self._index.items() if meta[3] is not None}
         rows = self._read(f"SELECT {_COLUMNS} FROM uplink_outbox ORDER BY round, created_ts", ())
-        return self._entries(rows)
+        return self._entries(rows, kept)
 
     def count(self) -> int:
         """Number of stored entries."""
-        return int(self._read("SELECT COUNT(*) FROM uplink_outbox", ())[0][0])
+        self._conn()
+        return len(self._index)
 
     def size_bytes(self) -> int:
         """Total payload bytes held."""
-        return int(self._read("SELECT COALESCE(SUM(COALESCE(payload_len, LENGTH(payload))), 0) "
-                              "FROM uplink_outbox", ())[0][0])
+        with self._lock:
+            self._conn()
+            return sum(meta[2] for meta in self._index.values())
 
     def close(self) -> None:
-        """Stop the background thread, fsync what is left, close (idempotent)."""
+        """Stop the background thread, apply deferred deletes, fsync what is left, close
+        (idempotent)."""
         with self._hlock:
             self._closing = True
             thread = self._thread
-            self._wake.notify_all()
+            self._work.notify_all()
         if thread is not None:
             thread.join()
         if self._db is not None:
-            self.sync()
+            try:
+                self.sync()
+            except StoreError as exc:
+                log.error("outbox %s: deferred deletes not applied at close: %s", self.path, exc)
         with self._lock:
             if self._db is not None:
                 self._db.close()
-                self._db = None  # type: ignore[assignment]
+                self._db = None
         with self._sync_lock:
             for fd in [*self._sync_fds.values(), *self._stale_fds]:
                 os.close(fd)
             self._sync_fds.clear()
             self._stale_fds.clear()
+            self._slots.close()
 
     # -- internals ----------------------------------------------------------------
-    def _write(self, sql: str, args: tuple[Any, ...], nbytes: int, *, harden: bool = True,
-               release: tuple[str, ...] = (), locked: bool = False) -> int:
-        """One statement in autocommit mode (its own transaction; WAL, synchronous=NORMAL).
-
-        ``release``: task ids whose payload slots are free once it committed.
-        """
-        if not locked:
-            with self._lock:
-                return self._write(sql, args, nbytes, harden=harden, release=release, locked=True)
+    def _commit(self, sql: str, args: tuple[Any, ...]) -> int:
+        """One statement in its own transaction, with the deferred DELETE if there is one
+        (WAL, synchronous=NORMAL); under ``self._lock``. Returns its row count."""
         db = self._conn()
+        drop = self._drop_round
         try:
-            n = db.execute(sql, args).rowcount
+            if drop is None:
+                return int(db.execute(sql, args).rowcount)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(_DROP, (drop,))
+                n = int(db.execute(sql, args).rowcount)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
         except sqlite3.Error as exc:
             raise StoreError(f"outbox {self.path}: write failed: {exc}") from exc
-        for tid in release:
-            old = self._slot_of.pop(tid, None)
-            if old is not None:
-                self._slots.release(old[1])
-        self._kick(nbytes, harden)
+        self._dropped()
         return n
 
-    def _entries(self, rows: list[tuple[Any, ...]]) -> list[OutboxEntry]:
-        """Rows -> entries, reading slot payloads; a row whose slot does not hold its payload
-        (torn by a power cut, or reused after a delete the power cut undid) is dropped."""
+    def _flush_drop(self) -> bool:
+        """Run the deferred DELETE now, alone (under ``self._lock``); True if there was one."""
+        if self._drop_round is None:
+            return False
+        try:
+            self._conn().execute(_DROP, (self._drop_round,))
+        except sqlite3.Error as exc:
+            raise StoreError(f"outbox {self.path}: write failed: {exc}") from exc
+        self._dropped()
+        self._kick(4096, harden=False)
+        return True
+
+    def _dropped(self) -> None:
+        with self._hlock:
+            self._drop_round = None
+        for slot in self._drop_slots:
+            self._slots.release(slot)
+        self._drop_slots.clear()
+
+    def _unindex(self, task_id: str) -> None:
+        meta = self._index.pop(task_id, None)
+        if meta is None:
+            return
+        if meta[3] is not None:
+            self._cached_bytes -= meta[2]
+        self._slots.release(meta[1])
+
+    def _entries(self, rows: list[tuple[Any, ...]], kept: dict[str, OutboxEntry]) -> list[OutboxEntry]:
+        """Rows -> entries (``kept``: those still in memory), reading slot payloads; a row
+        whose slot does not hold its payload (torn by a power cut, or reused after a
+        delete the power cut undid) is dropped."""
         out, bad = [], []
         for row in rows:
             task_id, slot, length, crc = row[0], row[7], row[8], row[9]
+            entry = kept.get(task_id)
+            if entry is not None:
+                out.append(entry)
+                continue
             payload = row[4]
             if slot is not None:
-                payload = self._slots.read(int(slot), task_id, int(length), int(crc))
+                payload = self._slots_read(int(slot), task_id, int(length), int(crc))
                 if payload is None:
                     bad.append(task_id)
                     continue
@@ -337,6 +453,10 @@ class Outbox:
             self.remove(task_id)
         return out
 
+    def _slots_read(self, slot: int, task_id: str, length: int, crc: int) -> bytes | None:
+        with self._lock:
+            return self._slots.read(slot, task_id, length, crc)
+
     def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
             try:
@@ -345,9 +465,10 @@ class Outbox:
                 raise StoreError(f"outbox {self.path}: read failed: {exc}") from exc
 
     def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
+        db = self._db
+        if db is None:
             raise StoreError(f"outbox {self.path}: closed")
-        return self._db
+        return db
 
     def _kick(self, nbytes: int, harden: bool) -> None:
         """Count a committed write and (``harden``) make sure the harden thread will fsync it.
@@ -366,21 +487,46 @@ class Outbox:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._harden_loop, name="outbox-harden", daemon=True)
                 self._thread.start()
-            else:
-                self._wake.notify_all()
+            elif self._sleeping:  # else it is syncing or spacing its passes: it looks again before sleeping
+                self._sleeping = False
+                self._work.notify()
 
     def _harden_loop(self) -> None:
         ckpt: list[sqlite3.Connection] = []  # this thread's own connection for checkpoints
+        last = -_HARDEN_SPACING_S
         try:
             while True:
                 with self._hlock:
                     if self._hardened >= self._written and not self._closing:
-                        self._wake.wait(_HARDEN_IDLE_S)
-                    if self._closing or self._hardened >= self._written:
-                        self._thread = None  # idle (or closing): exit; the next write starts a new one
+                        self._sleeping = True
+                        self._work.wait(self._linger_s)
+                        self._sleeping = False
+                    if self._closing:
+                        self._thread = None  # close() hardens what is left
                         return
+                    idle = self._hardened >= self._written
+                    if idle and self._drop_round is None:
+                        self._thread = None  # idle: exit; the next write starts a new one
+                        return
+                    wait = last + _HARDEN_SPACING_S - time.monotonic()
+                    if not idle and wait > 0:  # a pass ran just now: let this burst grow
+                        self._work.wait(wait)
                     target = self._written
-                if self._harden(target):
+                if idle:  # no write for linger_s: apply the deferred DELETE (hardened next turn)
+                    try:
+                        with self._lock:
+                            if self._db is not None:
+                                self._flush_drop()
+                    except StoreError as exc:
+                        log.error("outbox %s: deferred delete failed (retried with the next write): %s",
+                                  self.path, exc)
+                        with self._hlock:
+                            self._thread = None
+                        return
+                    continue
+                ok = self._harden(target)
+                last = time.monotonic()
+                if ok:
                     self._maybe_checkpoint(ckpt, target)
                 else:
                     time.sleep(0.1)  # a failing disk: do not spin
@@ -389,26 +535,44 @@ class Outbox:
                 db.close()
 
     def _harden(self, target: int) -> bool:
-        """fsync the WAL and the database file: every write up to ``target`` is then durable."""
+        """fsync the slot files, the WAL and the database file: every write up to
+        ``target`` is then durable."""
         with self._sync_lock:
             with self._hlock:
                 if self._hardened >= target:
                     return True
             try:
-                self._slots.fsync_dirty()  # payload files before the rows that name them
-                for path in (self._wal_path, self.path):
-                    fd = self._sync_fd(path)
-                    if fd is not None:
-                        os.fsync(fd)
+                calls = self._slots.fsync_dirty()  # payload files (order does not matter: CRC-checked)
+                fd = self._sync_fd(self._wal_path)
+                if fd is not None:
+                    os.fdatasync(fd)
+                    calls += 1
+                calls += self._sync_db_file()
             except OSError as exc:
                 self.harden_errors += 1
                 log.error("outbox %s: fsync failed (results stay in the OS cache, retried): %s", self.path, exc)
                 return False
             self.fsyncs += 1
+            self.fsync_calls += calls
             with self._hlock:
                 self._hardened = max(self._hardened, target)
                 self._wake.notify_all()
             return True
+
+    def _sync_db_file(self) -> int:
+        """fdatasync the database file unless it is unchanged since the last time (in WAL
+        mode only checkpoints write it); returns the number of calls made."""
+        fd = self._sync_fd(self.path)
+        if fd is None:
+            return 0
+        st = os.fstat(fd)
+        seen = (st.st_mtime_ns, st.st_size)
+        if seen == self._db_synced:
+            return 0
+        os.fdatasync(fd)
+        # a file time older than the kernel's clock tick surely changes with the next write
+        self._db_synced = seen if time.time_ns() - st.st_mtime_ns > _TRUST_MTIME_NS else None
+        return 1
 
     def _sync_fd(self, path: Path) -> int | None:
         """A descriptor of ``path`` to fsync through, opened once and kept open.
@@ -430,6 +594,8 @@ class Outbox:
             self._stale_fds.append(fd)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._sync_fds[path] = fd
+        if path == self.path:
+            self._db_synced = None
         return fd
 
     def _maybe_checkpoint(self, ckpt: list[sqlite3.Connection], target: int) -> None:
