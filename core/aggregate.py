@@ -43,6 +43,7 @@ from fedgate.core.errors import AggregationError
 
 try:
     from fedgate.core import _aggregate as _k
+    from fedgate.core import _fused as _f
     from fedgate.core import _order as _o
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
@@ -54,6 +55,8 @@ __all__ = [
     "ServerOptimizer",
     "StreamingMean",
     "bulyan",
+    "check_f32_update",
+    "check_q8_update",
     "clip_norm",
     "feature_stats",
     "first_nonfinite",
@@ -252,6 +255,25 @@ class StreamingMean:
         self._count += 1
         self._total += w
 
+    def add_q8(self, buf: Any, offset: int, block: int, weight: float = 1.0) -> None:
+        """Fold in one q8-coded update read in place (no decoded copy), as ``add`` of its values.
+
+        Parameters
+        ----------
+        buf : bytes-like, holding at ``offset`` the q8 scales and codes of ``dim`` values
+            (the layout of :mod:`fedgate.core.codec`); check it with :func:`check_q8_update`
+            first (scales finite and >= 0, values finite).
+        offset, block : int, where the scales start and the values per scale.
+        weight : float > 0
+        """
+        w = float(weight)
+        if not (math.isfinite(w) and w > 0):
+            raise AggregationError(f"weight = {weight!r}: must be finite and > 0")
+        mv = _q8_view(buf, offset, block, self._dim)
+        _f.accumulate_q8(self._acc, mv, offset, block, w)
+        self._count += 1
+        self._total += w
+
     def add_stack(self, stack: FloatArray, weights: Any = None, *, check_finite: bool = True) -> None:
         """Fold several updates in at once, ``(n, dim)``; cache-blocked, same result as n ``add`` calls."""
         arr = _stack(stack, check_finite=check_finite)
@@ -289,6 +311,70 @@ class StreamingMean:
 
     def __repr__(self) -> str:
         return f"StreamingMean(dim={self._dim}, count={self._count}, total_weight={self._total})"
+
+
+def _bytes_view(buf: Any, offset: int, nbytes: int, what: str) -> memoryview:
+    try:
+        mv = memoryview(buf)
+    except TypeError as exc:
+        raise AggregationError(f"{what}: the buffer does not expose the buffer protocol") from exc
+    if mv.format != "B" or mv.ndim != 1:
+        try:
+            mv = mv.cast("B")
+        except (TypeError, ValueError) as exc:
+            raise AggregationError(f"{what}: the buffer is not contiguous") from exc
+    if offset < 0 or mv.nbytes - offset != nbytes:
+        raise AggregationError(f"{what}: {mv.nbytes - offset} bytes after offset {offset}, expected {nbytes}")
+    return mv
+
+
+def _ref32(ref: Any) -> npt.NDArray[np.float32]:
+    if not (isinstance(ref, np.ndarray) and ref.dtype == _F32 and ref.ndim == 1 and ref.flags.c_contiguous
+            and ref.shape[0] > 0):
+        raise AggregationError("ref must be a non-empty C-contiguous float32 1-D array")
+    return ref
+
+
+def _q8_view(buf: Any, offset: int, block: int, dim: int) -> memoryview:
+    if not (isinstance(block, (int, np.integer)) and block >= 1):
+        raise AggregationError(f"block = {block!r}: must be an int >= 1")
+    return _bytes_view(buf, offset, 4 * -(-dim // block) + dim, "q8 update")
+
+
+def check_f32_update(buf: Any, offset: int, ref: npt.NDArray[np.float32]) -> tuple[int, float]:
+    """One pass over a float32 update stored in a byte buffer and a reference vector.
+
+    Parameters
+    ----------
+    buf : bytes-like holding ``len(ref)`` little-endian float32 from ``offset`` to its end
+        (any alignment; read in place, e.g. a received frame)
+    offset : int
+    ref : (dim,) float32, C-contiguous (the global model)
+
+    Returns
+    -------
+    (first, sq) : index of the first NaN/Inf of the update (-1 if none; ``sq`` is then
+        meaningless) and ``sum((x - ref)**2)`` of the float32 differences, in float64.
+    """
+    r = _ref32(ref)
+    mv = _bytes_view(buf, offset, 4 * r.shape[0], "f32 update")
+    bad, sq = _f.check_f32(mv, offset, r)
+    return int(bad), float(sq)
+
+
+def check_q8_update(buf: Any, offset: int, block: int, ref: npt.NDArray[np.float32]) -> tuple[int, int, float]:
+    """One pass over a q8-coded update (scales, then codes) and a reference vector.
+
+    Returns
+    -------
+    (status, index, sq) : status 0 all values finite; 1 the scale of block ``index`` is
+        negative or not finite; 2 value ``index`` dequantises to an infinity. ``sq`` is
+        ``sum((x - ref)**2)`` (float64 of float32 differences) when status is 0.
+    """
+    r = _ref32(ref)
+    mv = _q8_view(buf, offset, block, r.shape[0])
+    status, index, sq = _f.check_q8(mv, offset, block, r)
+    return int(status), int(index), float(sq)
 
 
 def weighted_mean(stack: FloatArray, weights: Any = None) -> FloatArray:

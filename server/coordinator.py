@@ -128,6 +128,7 @@ class Coordinator:
         self.writer = CheckpointWriter(checkpoints)
         self.max_pending_checkpoints = 2   # commits in memory whose checkpoint is still being written
         self._dp_scratch: np.ndarray | None = None
+        self._q8_in_place = self.strategy.streaming and not cfg.privacy.enabled
         self._accepted = {kind: metrics.accepted.labels(kind.value) for kind in TaskKind}
         self._restore()
 
@@ -347,8 +348,14 @@ class Coordinator:
     def _take_update(self, op: OpenRound, f: dict[str, Any], payload: memoryview | None) -> None:
         if f["n_samples"] < 1:
             raise Rejected("empty", "a train result must report n_samples >= 1")
-        vec, _ = check_update(self.validator, payload, self.params, self.strategy.buffer)  # params, also from deltas
         weight = float(f["n_samples"])
+        if self._q8_in_place:
+            head = self.validator.header(payload)
+            if head.codec is codec.Codec.Q8 and not head.delta:  # checked and summed straight from the frame
+                self.validator.check_q8(payload, head, self.params)  # type: ignore[arg-type]
+                self.strategy.add_q8(payload, codec.HEADER_SIZE, head.param, weight)  # type: ignore[arg-type]
+                return
+        vec, _ = check_update(self.validator, payload, self.params, self.strategy.buffer)  # params, also from deltas
         if self.cfg.privacy.enabled:
             out = self.strategy.buffer()
             if vec.ctypes.data != out.ctypes.data:

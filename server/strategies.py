@@ -68,6 +68,10 @@ class Strategy:
         """Take one checked update (``params`` may be the array :meth:`buffer` returned)."""
         raise NotImplementedError
 
+    def add_q8(self, buf: memoryview | bytes, offset: int, block: int, weight: float) -> None:
+        """Take one checked ``q8``-coded update read in place (streaming strategies only)."""
+        raise NotImplementedError
+
     @property
     def count(self) -> int:
         raise NotImplementedError
@@ -108,6 +112,9 @@ class FedAvg(Strategy):
 
     def add(self, params: np.ndarray, weight: float) -> None:
         self._mean.add(params, weight, check_finite=False)
+
+    def add_q8(self, buf: memoryview | bytes, offset: int, block: int, weight: float) -> None:
+        self._mean.add_q8(buf, offset, block, weight)
 
     @property
     def count(self) -> int:

@@ -40,48 +40,30 @@ class Rejected(Exception):
 class UpdateValidator:
     """Decodes and checks updates against the current global model (D float32 params).
 
-    The distance to the global model is computed in blocks through a small scratch
-    buffer, so checking allocates nothing per update (and nothing model-sized at all
-    for ``f32`` updates, which are read in place).
+    ``f32`` and ``q8`` updates are checked in place, straight from the received frame:
+    one fused pass gives the first non-finite value and the distance to the global
+    model, so nothing model-sized is allocated or copied per update. Other codecs are
+    decoded into the array the caller provides, then checked the same way.
     """
 
     def __init__(self, dim: int, max_update_norm: float, block: int = 1 << 16) -> None:
         self.dim = dim
         self.max_update_norm = float(max_update_norm)
         self.block = max(1, min(block, dim))
-        self._scratch = np.empty(self.block, dtype=np.float32)
 
     def distance(self, vec: np.ndarray, global_params: np.ndarray) -> float:
-        """L2 norm of ``vec - global_params`` (float32 (D,) each), blockwise."""
-        total = 0.0
-        for start in range(0, self.dim, self.block):
-            end = min(start + self.block, self.dim)
-            part = self._scratch[: end - start]
-            np.subtract(vec[start:end], global_params[start:end], out=part)
-            n = agg.l2_norm(part)
-            total += n * n
-        return float(np.sqrt(total))
+        """L2 norm of ``vec - global_params`` (float32 (D,) each; NaN if ``vec`` is not finite)."""
+        arr = np.ascontiguousarray(vec, dtype=np.float32)
+        bad, sq = agg.check_f32_update(memoryview(arr).cast("B"), 0, global_params)
+        return float("nan") if bad >= 0 else float(np.sqrt(sq))
 
-    def check(self, payload: memoryview | bytes | None, global_params: np.ndarray,
-              out: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
-        """Decode and check one update; returns ``(params, update_norm)``.
-
-        ``params`` is float32 (D,): for the ``f32`` codec a read-only view straight on the
-        received frame (no copy, see below), otherwise the array ``out()`` returns, filled
-        by :func:`fedgate.core.codec.decode`. The length announced by the codec header is
-        checked before anything is decoded.
-
-        For ``f32`` the values are read in place after :func:`~fedgate.core.codec.read_header`
-        validated the header against the buffer length; the buffer's CRC32 is not
-        recomputed here, because the transport already guarantees integrity (CURVE's
-        Poly1305 tag, or TCP's checksum in insecure mode) and the CRC costs more than the
-        rest of the checks together. Every value is still checked for finiteness and the
-        norm bound.
+    def header(self, payload: memoryview | bytes | None) -> codec.CodecHeader:
+        """The payload's codec header, checked against its length and the model size.
 
         Raises
         ------
         Rejected
-            With reason ``decode``, ``size``, ``nonfinite`` or ``norm``.
+            With reason ``decode`` (missing, malformed) or ``size``.
         """
         if payload is None:
             raise Rejected("decode", "a train result needs a payload")
@@ -91,19 +73,70 @@ class UpdateValidator:
             raise Rejected("decode", str(exc)) from None
         if head.count != self.dim:
             raise Rejected("size", f"update has {head.count} values, the model has {self.dim}")
-        if head.codec is codec.Codec.F32:
-            vec = np.frombuffer(payload, dtype="<f4", count=self.dim, offset=codec.HEADER_SIZE)
-        else:
-            try:
-                vec = codec.decode(payload, out=out())
-            except FedgateError as exc:
-                raise Rejected("decode", str(exc)) from None
-        if not agg.is_finite(vec):
-            raise Rejected("nonfinite", f"update has a non-finite value at index {agg.first_nonfinite(vec)}")
-        norm = self.distance(vec, global_params)
+        return head
+
+    def _norm(self, sq: float) -> float:
+        norm = float(np.sqrt(sq))
         if not norm <= self.max_update_norm:
             raise Rejected("norm", f"update norm {norm:.4g} exceeds max_update_norm {self.max_update_norm:g}")
-        return vec, norm
+        return norm
+
+    def check(self, payload: memoryview | bytes | None, global_params: np.ndarray,
+              out: Callable[[], np.ndarray], head: codec.CodecHeader | None = None) -> tuple[np.ndarray, float]:
+        """Decode and check one update; returns ``(params, update_norm)``.
+
+        ``params`` is float32 (D,): for the ``f32`` codec a read-only view straight on the
+        received frame (no copy, see below), otherwise the array ``out()`` returns, filled
+        by :func:`fedgate.core.codec.decode`. The length announced by the codec header is
+        checked before anything is decoded (``head``: the header already read by
+        :meth:`header`).
+
+        The buffer's CRC32 is not recomputed here, because the transport already
+        guarantees integrity (CURVE's Poly1305 tag, or TCP's checksum in insecure mode)
+        and the CRC costs more than the rest of the checks together; the header is
+        validated against the buffer length, and the decoders check every length, scale
+        and index, so nothing is read out of bounds. Every value is still checked for
+        finiteness and the norm bound.
+
+        Raises
+        ------
+        Rejected
+            With reason ``decode``, ``size``, ``nonfinite`` or ``norm``.
+        """
+        if head is None:
+            head = self.header(payload)
+        if head.codec is codec.Codec.F32:
+            bad, sq = agg.check_f32_update(payload, codec.HEADER_SIZE, global_params)
+            if bad >= 0:
+                raise Rejected("nonfinite", f"update has a non-finite value at index {bad}")
+            vec = np.frombuffer(payload, dtype="<f4", count=self.dim, offset=codec.HEADER_SIZE)  # type: ignore[arg-type]
+            return vec, self._norm(sq)
+        try:
+            vec = codec.decode(payload, out=out(), check_crc=False)  # type: ignore[arg-type]
+        except FedgateError as exc:
+            raise Rejected("decode", str(exc)) from None
+        bad, sq = agg.check_f32_update(memoryview(vec).cast("B"), 0, global_params)
+        if bad >= 0:
+            raise Rejected("nonfinite", f"update has a non-finite value at index {bad}")
+        return vec, self._norm(sq)
+
+    def check_q8(self, payload: memoryview | bytes, head: codec.CodecHeader, global_params: np.ndarray) -> float:
+        """Check a ``q8`` update in place (no decoded copy); returns its norm.
+
+        ``head`` is the header :meth:`header` read. The strategy then folds the same
+        buffer in with ``add_q8``. No CRC, as in :meth:`check`.
+
+        Raises
+        ------
+        Rejected
+            ``decode`` (a negative or non-finite block scale), ``nonfinite`` or ``norm``.
+        """
+        status, index, sq = agg.check_q8_update(payload, codec.HEADER_SIZE, head.param, global_params)
+        if status == 1:
+            raise Rejected("decode", f"q8 block {index} has a negative or non-finite scale")
+        if status == 2:
+            raise Rejected("nonfinite", f"update has a non-finite value at index {index}")
+        return self._norm(sq)
 
 
 def materialize_update(head: codec.CodecHeader, decoded: np.ndarray, global_params: np.ndarray) -> np.ndarray:
@@ -151,7 +184,7 @@ def check_update(validator: UpdateValidator, payload: memoryview | bytes | None,
     if head is None or not head.delta:
         if head is not None and head.codec is codec.Codec.TOPK:
             raise Rejected("decode", "a topk train result must carry a delta (the codec header's DELTA flag)")
-        return validator.check(payload, global_params, out)
+        return validator.check(payload, global_params, out, head)
     if head.count != validator.dim:
         raise Rejected("size", f"update has {head.count} values, the model has {validator.dim}")
     try:
