@@ -177,26 +177,23 @@ def check_update(validator: UpdateValidator, payload: memoryview | bytes | None,
     Rejected
         With reason ``decode``, ``size``, ``nonfinite`` or ``norm``.
     """
-    try:
-        head = codec.read_header(payload) if payload is not None else None
-    except FedgateError:
-        head = None
-    if head is None or not head.delta:
-        if head is not None and head.codec is codec.Codec.TOPK:
+    head = validator.header(payload)  # decode / size
+    if not head.delta:
+        if head.codec is codec.Codec.TOPK:
             raise Rejected("decode", "a topk train result must carry a delta (the codec header's DELTA flag)")
         return validator.check(payload, global_params, out, head)
-    if head.count != validator.dim:
-        raise Rejected("size", f"update has {head.count} values, the model has {validator.dim}")
     try:
         vec = codec.decode(payload, out=out())  # type: ignore[arg-type]
     except FedgateError as exc:
         raise Rejected("decode", str(exc)) from None
-    if not agg.is_finite(vec):
-        raise Rejected("nonfinite", f"update has a non-finite value at index {agg.first_nonfinite(vec)}")
+    bad = agg.first_nonfinite(vec)
+    if bad >= 0:
+        raise Rejected("nonfinite", f"update has a non-finite value at index {bad}")
     params = materialize_update(head, vec, global_params)
-    if not agg.is_finite(params):
-        raise Rejected("nonfinite", f"global + update overflows at index {agg.first_nonfinite(params)}")
-    norm = validator.distance(params, global_params)
+    bad, sq = agg.check_f32_update(memoryview(params).cast("B"), 0, global_params)
+    if bad >= 0:
+        raise Rejected("nonfinite", f"global + update overflows at index {bad}")
+    norm = float(np.sqrt(sq))
     if not norm <= validator.max_update_norm:
         raise Rejected("norm", f"update norm {norm:.4g} exceeds max_update_norm {validator.max_update_norm:g}")
     return params, norm

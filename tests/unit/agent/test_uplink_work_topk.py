@@ -192,6 +192,9 @@ def test_server_refuses_bad_deltas_by_reason():
     assert check(codec.encode(big, "topk", k=0.5, delta=True)) == "norm"
     assert check(codec.encode(big, "f32", delta=True)) == "norm"
     assert check(codec.encode(np.zeros(D + 1, dtype=np.float32), "topk", delta=True)) == "size"
+    for name in ("f32", "f16", "q8"):  # parameters of the wrong size take the same path
+        assert check(codec.encode(np.ones(D + 1, dtype=np.float32), name)) == "size"
+        assert check(codec.encode(np.ones(D - 1, dtype=np.float32), name)) == "size"
     huge = np.full(D, 3e38, dtype=np.float32)
     glob_huge = np.full(D, 3e38, dtype=np.float32)
     with pytest.raises(Rejected, match="overflows") as info:
