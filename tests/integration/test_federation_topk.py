@@ -2,7 +2,8 @@
 
 Real processes on 127.0.0.1 as in ``test_federation.py`` (whose :class:`Federation`
 rig this reuses), with a wider linear model so that k = 0.1 really drops most of
-every update.
+every update; and the server daemon in-process with scripted agents
+(``test_server_support.py``) for what it does with good and bad deltas.
 """
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ import psutil
 import pytest
 
 import fedtools
+from fedgate.core import codec
+from fedgate.core.protocol import MsgType
 from test_federation import Federation, _kill_mid_round, ols_on_scaled
+from test_server_support import Agent, ServerThread, global_params, write_config  # starts pyzmq's gc thread
 
 pytestmark = pytest.mark.slow
 
@@ -136,3 +140,43 @@ def test_topk_deltas_work_with_robust_and_momentum_strategies(federations, strat
     X, y = fed.pooled_data()
     err = np.abs(fed.final_params(rounds) - ols_on_scaled(X, y)).max()
     assert err < 0.02, f"{strategy}: max |params - OLS| = {err:.4g}"
+
+
+def test_server_rebuilds_deltas_and_rejects_bad_ones_by_reason(tmp_path):
+    """The daemon (in-process, scripted agents): deltas become params; bad ones are counted."""
+    cfg = write_config(tmp_path, federation={"statistics": False, "rounds": 2, "min_agents": 2, "min_available": 4, "codec": "topk",
+                                             "codec_params": {"k": 0.5}, "round_timeout": "3s"},
+                       strategy={"name": "fedavg", "max_update_norm": 1.0})
+    srv = ServerThread(cfg)
+    agents = [Agent(srv.endpoint, n) for n in ("gw-a", "gw-b", "gw-c", "gw-d")]
+    try:
+        for x in agents:
+            x.hello()
+        tasks = [x.expect(MsgType.TASK) for x in agents]
+        assert {t.fields["codec"] for t in tasks} == {"topk"} and tasks[0].fields["round"] == 1
+        g = global_params(tasks[0])
+        rng = np.random.default_rng(5)
+        d_a = (rng.normal(size=g.size) * 0.1).astype(np.float32)
+        sends = {
+            "gw-a": codec.encode(d_a, "topk", k=0.5, delta=True),                      # accepted
+            "gw-b": codec.encode(g + d_a, "topk", k=0.5),                              # params: decode
+            "gw-c": codec.encode(np.full(g.size, 5.0, np.float32), "topk", k=1.0, delta=True),  # norm
+            "gw-d": codec.encode(g - 0.1, "f32"),                                      # params, accepted
+        }
+        for x, t in zip(agents, tasks):
+            x.send(MsgType.RESULT, {"agent": x.name, "task_id": t.fields["task_id"], "round": 1, "kind": "train",
+                                    "n_samples": 10, "metrics": {"loss": 1.0}}, sends[x.name])
+        acks = {x.name: x.expect(MsgType.ACK).fields for x in agents}
+        assert acks["gw-a"]["status"] == acks["gw-d"]["status"] == "accepted"
+        assert (acks["gw-b"]["status"], acks["gw-b"]["reason"]) == ("rejected", "decode")
+        assert (acks["gw-c"]["status"], acks["gw-c"]["reason"]) == ("rejected", "norm")
+        assert srv.metric("fedgate_server_updates_rejected_total", reason="decode") == 1
+        assert srv.metric("fedgate_server_updates_rejected_total", reason="norm") == 1
+        nxt = agents[0].expect(MsgType.TASK, skip=(MsgType.COMMITTED, MsgType.MODEL, MsgType.HEARTBEAT))
+        assert nxt.fields["round"] == 2
+        want = ((g + codec.decode(sends["gw-a"])) + (g - np.float32(0.1))) / 2
+        np.testing.assert_allclose(global_params(nxt), want, rtol=0, atol=1e-6)
+    finally:
+        for x in agents:
+            x.close()
+        srv.stop()
