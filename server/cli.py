@@ -74,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: str) -> int:
+    from fedgate.server import heap
     from fedgate.server.config import load_config
     from fedgate.server.service import Server
 
     cfg = load_config(config)
     setup_logging(cfg.server.log_level)
+    heap.tune()
     try:
         server = Server(cfg)
     except ConfigError:

@@ -349,13 +349,15 @@ class Coordinator:
         if f["n_samples"] < 1:
             raise Rejected("empty", "a train result must report n_samples >= 1")
         weight = float(f["n_samples"])
-        if self._q8_in_place:
-            head = self.validator.header(payload)
-            if head.codec is codec.Codec.Q8 and not head.delta:  # checked and summed straight from the frame
-                self.validator.check_q8(payload, head, self.params)  # type: ignore[arg-type]
-                self.strategy.add_q8(payload, codec.HEADER_SIZE, head.param, weight)  # type: ignore[arg-type]
-                return
-        vec, _ = check_update(self.validator, payload, self.params, self.strategy.buffer)  # params, also from deltas
+        head = self.validator.header(payload)
+        if head.delta or head.codec is codec.Codec.TOPK:
+            vec, _ = check_update(self.validator, payload, self.params, self.strategy.buffer)  # params, also from deltas
+        elif head.codec is codec.Codec.Q8 and self._q8_in_place:  # checked and summed straight from the frame
+            self.validator.check_q8(payload, head, self.params)  # type: ignore[arg-type]
+            self.strategy.add_q8(payload, codec.HEADER_SIZE, head.param, weight)  # type: ignore[arg-type]
+            return
+        else:
+            vec, _ = self.validator.check(payload, self.params, self.strategy.buffer, head)
         if self.cfg.privacy.enabled:
             out = self.strategy.buffer()
             if vec.ctypes.data != out.ctypes.data:

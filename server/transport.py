@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 ZAP_DOMAIN = "fedgate"
 _MORE = zmq.SNDMORE | zmq.NOBLOCK
 _ZERO_COPY_MIN = 65536
+_SHARE_MIN = 4096   # a bytes payload this large sent twice is shared by every later send
+_SHARED_MAX = 2     # payloads kept shared at once (the current model, the previous one)
 _MIN_LIBZMQ = (4, 3, 2)
 
 
@@ -140,6 +142,8 @@ class Transport:
         self.bytes_in = 0
         self.bytes_out = 0
         self.sends_dropped = {"queue_full": 0, "unreachable": 0}  # messages not sent (never blocks)
+        self._shared: dict[int, tuple[bytes, zmq.Frame]] = {}  # id(payload) -> (payload, its one zmq frame)
+        self._last_large: bytes | None = None
         try:
             self._open(bind, secret_key_path)
         except BaseException:
@@ -230,16 +234,22 @@ class Transport:
         if self.sock not in ready:
             return
         names = self.allowed_names()
+        recv = self.sock.recv
         for _ in range(max_messages):
             try:
-                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                frame = recv(zmq.NOBLOCK, copy=False)
+                frames = [frame]
+                nbytes = len(frame)
+                while frame.more:  # the rest of a message is already queued (atomic delivery)
+                    frame = recv(zmq.NOBLOCK, copy=False)
+                    frames.append(frame)
+                    nbytes += len(frame)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EINTR:
                     return
                 raise
-            nbytes = sum(len(f) for f in frames)
             self.bytes_in += nbytes
             rid = frames[0].bytes
             user_id: str | None = None
@@ -257,8 +267,10 @@ class Transport:
     def send(self, routing_id: bytes, frames: list[Any]) -> bool:
         """Send one message to a peer without blocking; False if it is gone or its queue is full.
 
-        Small frames are copied (cheaper than a zero-copy frame); large ones (payloads) are
-        handed to libzmq without a copy, so one encoded model can go to every agent.
+        Small frames are copied (cheaper than a zero-copy frame). A large ``bytes``
+        payload sent a second time (the global model, going to every agent) becomes one
+        shared ``zmq.Frame``: every later send hands libzmq a reference to the same
+        buffer (no copy, no allocation). Other large frames are sent without a copy.
         """
         sock = self.sock
         assert sock is not None
@@ -270,10 +282,14 @@ class Transport:
                 n = len(frame)
                 nbytes += n
                 flags = zmq.NOBLOCK if i == last else _MORE
-                if n >= _ZERO_COPY_MIN:
-                    sock.send(frame, flags, copy=False)
-                else:
+                if n < _SHARE_MIN:
                     sock.send(frame, flags)
+                else:
+                    shared = self._shared_frame(frame) if type(frame) is bytes else None
+                    if shared is None:
+                        sock.send(frame, flags, copy=n < _ZERO_COPY_MIN)
+                    else:
+                        sock.send(shared, flags, copy=False)
         except zmq.Again:
             self.sends_dropped["queue_full"] += 1
             log.debug("send queue of peer %s full, message dropped", routing_id.hex())
@@ -286,6 +302,20 @@ class Transport:
             raise
         self.bytes_out += nbytes
         return True
+
+    def _shared_frame(self, payload: bytes) -> zmq.Frame | None:
+        """The shared frame of a payload sent before, or None the first time."""
+        entry = self._shared.get(id(payload))
+        if entry is not None and entry[0] is payload:
+            return entry[1]
+        if self._last_large is not payload:
+            self._last_large = payload
+            return None
+        while len(self._shared) >= _SHARED_MAX:  # libzmq keeps an evicted buffer alive until sent
+            self._shared.pop(next(iter(self._shared)))
+        frame = zmq.Frame(payload, copy=len(payload) < _ZERO_COPY_MIN)  # small: one copy libzmq owns
+        self._shared[id(payload)] = (payload, frame)
+        return frame
 
     def _drain_monitor(self) -> None:
         assert self.monitor is not None
@@ -328,6 +358,8 @@ class Transport:
         if self.auth is not None:
             self.auth.stop()
             self.auth = None
+        self._shared.clear()
+        self._last_large = None
         self.ctx.term()
 
     def __enter__(self) -> Transport:

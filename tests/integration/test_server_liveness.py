@@ -95,7 +95,8 @@ def test_evaluation_tasks_follow_each_commit(insecure, tmp_path):
     def eval_row():
         h = History(tmp_path / "data" / "history.db", readonly=True)
         try:
-            return [r for r in h.summary()["rounds"] if r["kind"] == "evaluate"]
+            # both evaluations (the row is rewritten as results are flushed)
+            return [r for r in h.summary()["rounds"] if r["kind"] == "evaluate" and r["n_accepted"] == 2]
         finally:
             h.close()
     rows = wait_for(eval_row, what="evaluation recorded")
