@@ -146,7 +146,8 @@ def test_server_rebuilds_deltas_and_rejects_bad_ones_by_reason(tmp_path):
     """The daemon (in-process, scripted agents): deltas become params; bad ones are counted."""
     fed = {"statistics": False, "rounds": 2, "min_agents": 2, "min_available": 4, "codec": "topk",
            "codec_params": {"k": 0.5}, "round_timeout": "3s"}
-    cfg = write_config(tmp_path, federation=fed, strategy={"name": "fedavg", "max_update_norm": 1.0})
+    cfg = write_config(tmp_path, federation=fed, strategy={"name": "fedavg", "max_update_norm": 1.0},
+                       server={"heartbeat": "10s", "dead_after": "120s"})  # scripted agents send no heartbeats
     srv = ServerThread(cfg)
     agents = [Agent(srv.endpoint, n) for n in ("gw-a", "gw-b", "gw-c", "gw-d")]
     try:
