@@ -257,12 +257,19 @@ class ResultEncoder:
             if not np.isfinite(params).all():
                 raise TrainingError(f"train task {task.task_id}: the new params are not finite")
             payload = self.encode_params(params, task, global_params)
-        fields = self.fields(task, outcome)
         try:
-            protocol.encode(MsgType.RESULT, fields, payload)  # the wire's own checks, before storing
-        except ProtocolError as exc:
-            raise TrainingError(f"{task.kind} task {task.task_id}: result not sendable: {exc}") from exc
-        entry = OutboxEntry(task_id=task.task_id, round=task.round, kind=task.kind, fields=fields,
-                            payload=payload)
-        self.outbox.put(entry)
+            fields = self.fields(task, outcome)
+            try:
+                protocol.encode(MsgType.RESULT, fields, payload)  # the wire's own checks, before storing
+            except ProtocolError as exc:
+                raise TrainingError(f"{task.kind} task {task.task_id}: result not sendable: {exc}") from exc
+            entry = OutboxEntry(task_id=task.task_id, round=task.round, kind=task.kind, fields=fields,
+                                payload=payload)
+            self.outbox.put(entry)
+        except BaseException:
+            if payload is not None and task.codec == "topk":  # never sent: its part stays in the residual
+                with self._topk_lock:
+                    if self.topk.round == task.round:
+                        self.topk.undo()
+            raise
         return entry

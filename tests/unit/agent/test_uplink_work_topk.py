@@ -15,7 +15,7 @@ from fedgate.agent.outbox import Outbox
 from fedgate.agent.uplink_types import Task, TaskOutcome
 from fedgate.agent.uplink_work import ResultEncoder, TopkFeedback
 from fedgate.core import codec
-from fedgate.core.errors import TrainingError
+from fedgate.core.errors import StoreError, TrainingError
 from fedgate.server.validate import Rejected, UpdateValidator, check_update, materialize_update
 
 D = 400
@@ -254,3 +254,14 @@ def test_hostile_delta_payloads_are_only_ever_rejected(pos, value, cut, reseal):
         return
     assert params.shape == (64,) and np.isfinite(params).all() and norm <= 10.0
     np.testing.assert_array_equal(glob, 1.0)  # the global model is never written
+
+
+def test_a_result_that_cannot_be_stored_leaves_the_residual_as_before(encoder):
+    glob = np.zeros(D, dtype=np.float32)
+    encoder.encode_params(glob + np.arange(D, dtype=np.float32), make_task(1), glob)
+    before = encoder.topk.ef.residual.copy()
+    bad = TaskOutcome(n_samples=3, metrics={}, params=glob + 1.0)
+    encoder.outbox.close()  # the state file is gone: storing fails after the payload was encoded
+    with pytest.raises(StoreError, match="closed"):
+        encoder.store(make_task(2), bad, glob)
+    np.testing.assert_array_equal(encoder.topk.ef.residual, before)
