@@ -47,6 +47,7 @@ __all__ = [
     "encode",
     "decode",
     "new_task_id",
+    "new_task_ids",
     "valid_agent_name",
 ]
 
@@ -137,6 +138,12 @@ class Message:
 def new_task_id() -> str:
     """A fresh random task nonce: 32 lowercase hex characters (128 bits)."""
     return secrets.token_hex(16)
+
+
+def new_task_ids(n: int) -> list[str]:
+    """``n`` fresh random task nonces (as :func:`new_task_id`, from one system call)."""
+    text = secrets.token_hex(16 * n)
+    return [text[i: i + 32] for i in range(0, 32 * n, 32)]
 
 
 def valid_agent_name(name: object) -> bool:

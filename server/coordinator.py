@@ -30,7 +30,7 @@ import numpy as np
 from fedgate.core import aggregate as agg
 from fedgate.core import codec
 from fedgate.core.errors import AggregationError, StoreError
-from fedgate.core.protocol import Message, MessageError, MsgType, TaskKind, decode, encode, new_task_id
+from fedgate.core.protocol import Message, MessageError, MsgType, TaskKind, decode, encode, new_task_ids
 from fedgate.server.config import ServerConfig
 from fedgate.server.metrics import ServerMetrics
 from fedgate.server.privacy import PrivacyAccountant, add_noise, clip_update
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[bytes, list[Any]], bool]
 _TID_MARK = b'"task_id":"' + b"0" * 32 + b'"'
+_ROUND_MARK = b'"round":0,'
 _HEARTBEAT = encode(MsgType.HEARTBEAT, {})
 # ack headers are built by splicing the (validated, hex) nonce into a fixed template
 _ACK_HEAD = b'{"v":1,"type":"ack","task_id":"'
@@ -129,6 +130,7 @@ class Coordinator:
         self.max_pending_checkpoints = 2   # commits in memory whose checkpoint is still being written
         self._dp_scratch: np.ndarray | None = None
         self._q8_in_place = self.strategy.streaming and not cfg.privacy.enabled
+        self._task_templates: dict[TaskKind, tuple[Any, bytes | None]] = {}
         self._accepted = {kind: metrics.accepted.labels(kind.value) for kind in TaskKind}
         self._restore()
 
@@ -431,7 +433,7 @@ class Coordinator:
             k = min(len(ready), max(need, math.ceil(self.fed.fraction * len(ready))))
             rng = np.random.default_rng([self.fed.seed, rnd])
             chosen = sorted(rng.choice(ready, size=k, replace=False).tolist())
-        tasks = {new_task_id(): name for name in chosen}
+        tasks = dict(zip(new_task_ids(len(chosen)), chosen))
         self.history.add_tasks(TaskRow(tid, rnd, kind.value, name, time.time(), "issued")
                                for tid, name in tasks.items())
         op = OpenRound(rnd, kind, tasks, now, now + self.fed.round_timeout_s)
@@ -449,6 +451,18 @@ class Coordinator:
         op.header = self._task_header(op.round, op.kind)
 
     def _task_header(self, rnd: int, kind: TaskKind) -> bytes:
+        """The task header of a round with a zero nonce; everything but the round number is
+        fixed between statistics rounds, so it is built and validated once per kind and scaler."""
+        cached = self._task_templates.get(kind)
+        if cached is None or cached[0] is not self.scaler:
+            template = self._build_task_header(0, kind)
+            cached = (self.scaler, template if template.count(_ROUND_MARK) == 1 else None)
+            self._task_templates[kind] = cached
+        if cached[1] is None:  # the marker is not unique (e.g. a "round" key in the spec)
+            return self._build_task_header(rnd, kind)
+        return cached[1].replace(_ROUND_MARK, b'"round":%d,' % rnd, 1)
+
+    def _build_task_header(self, rnd: int, kind: TaskKind) -> bytes:
         fed = self.fed
         fields = {
             "task_id": "0" * 32, "round": rnd, "kind": kind.value, "deadline_s": fed.round_timeout_s,
@@ -565,6 +579,10 @@ class Coordinator:
         self.writer.close()
 
     def _record(self, op: OpenRound, epsilon: float | None) -> None:
+        with self.history.transaction():  # one commit for the round's rows
+            self._record_rows(op, epsilon)
+
+    def _record_rows(self, op: OpenRound, epsilon: float | None) -> None:
         h = self.history
         metrics = op.metrics.result()
         h.add_round(op.round, op.kind.value, started=time.time() - (self.clock() - op.started),
@@ -609,7 +627,7 @@ class Coordinator:
             return
         self._publish_model(op, alive)
         if self.fed.evaluate and alive:
-            tasks = {new_task_id(): a for a in alive}
+            tasks = dict(zip(new_task_ids(len(alive)), alive))
             self.history.add_tasks(TaskRow(tid, op.round, TaskKind.EVALUATE.value, a.name, time.time(), "issued")
                                    for tid, a in tasks.items())
             header = self._task_header(op.round, TaskKind.EVALUATE)

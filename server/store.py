@@ -30,11 +30,12 @@ import os
 import re
 import sqlite3
 import collections
+import contextlib
 import queue
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,7 @@ class History:
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
         self.path = str(path)
+        self._batch = False
         try:
             if readonly:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
@@ -346,10 +348,29 @@ class History:
 
     def _write(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
         try:
+            if self._batch:
+                self.db.executemany(sql, rows)
+                return
             with self.db:
                 self.db.executemany(sql, rows)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: write failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group the writes made inside into one transaction (committed at the end, rolled
+        back if anything raises); writes outside commit one by one."""
+        if self._batch:
+            yield
+            return
+        self._batch = True
+        try:
+            with self.db:
+                yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: write failed: {exc}") from exc
+        finally:
+            self._batch = False
 
     # tasks -----------------------------------------------------------------
     def add_tasks(self, tasks: Iterable[TaskRow]) -> None:

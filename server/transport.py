@@ -42,7 +42,7 @@ ZAP_DOMAIN = "fedgate"
 _MORE = zmq.SNDMORE | zmq.NOBLOCK
 _ZERO_COPY_MIN = 65536
 _SHARE_MIN = 4096   # a bytes payload this large sent twice is shared by every later send
-_SHARED_MAX = 2     # payloads kept shared at once (the current model, the previous one)
+_SHARED_MAX = 1     # payloads kept shared at once (the current model; libzmq keeps older ones until sent)
 _MIN_LIBZMQ = (4, 3, 2)
 
 

@@ -156,3 +156,10 @@ def test_statistics_tasks_remember_their_payload_rule():
     frames = _task(new_task_id(), kind="statistics") + [b"unexpected"]
     with pytest.raises(MessageError, match="takes no payload"):
         decode(frames)
+
+
+def test_new_task_ids_are_valid_and_unique():
+    ids = protocol.new_task_ids(500)
+    assert len(ids) == 500 and len(set(ids)) == 500
+    assert all(protocol._TASK_ID_RE.match(t) for t in ids)
+    assert protocol.new_task_ids(0) == []

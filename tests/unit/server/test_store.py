@@ -126,3 +126,25 @@ def test_history_unopenable_is_store_error(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(StoreError, match="cannot open history"):
         History(tmp_path / "file" / "h.db")
+
+
+def test_history_transaction_commits_together_or_not_at_all(tmp_path):
+    h = History(tmp_path / "h.db")
+    ro = History(tmp_path / "h.db", readonly=True)
+    try:
+        with h.transaction():
+            h.add_tasks([TaskRow("a" * 32, 1, "train", "gw1", 1.0, "issued")])
+            h.set_task_status([("a" * 32, "accepted")])
+            assert ro.task("a" * 32) is None  # nothing visible before the commit
+        assert ro.task("a" * 32).status == "accepted"
+        with pytest.raises(RuntimeError):
+            with h.transaction():
+                h.set_task_status([("a" * 32, "expired")])
+                h.add_tasks([TaskRow("b" * 32, 1, "train", "gw2", 1.0, "issued")])
+                raise RuntimeError("boom")
+        assert ro.task("a" * 32).status == "accepted" and ro.task("b" * 32) is None
+        h.add_tasks([TaskRow("c" * 32, 2, "train", "gw1", 2.0, "issued")])  # outside: commits at once
+        assert ro.task("c" * 32) is not None
+    finally:
+        ro.close()
+        h.close()
