@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 SOFTWARE = "fedgate-agent/0.1.0"
 _TICK_S = 0.25          # longest poll: bounds how late timers are noticed
 _STOP_WAIT_S = 30.0     # how long stop waits for a running task to store its result
+_INLINE_MAX_S = 0.05    # a task kind whose last run took less CPU runs on the link thread (see _on_task)
 
 
 class Uplink:
@@ -114,6 +115,7 @@ class Uplink:
         self._decoded: tuple[memoryview, np.ndarray] | None = None  # a task payload and its decoded params
         self._last_contact_ts: float | None = None
         self._outbox_count = self._outbox.count()
+        self._work_s: dict[str, float] = {}  # task kind -> CPU its last run took (decode to stored)
         self._running: dict[str, Future[OutboxEntry]] = {}
         self._done: deque[tuple[Task, Future[OutboxEntry]]] = deque()  # finished on the worker
         self._unsent: deque[OutboxEntry] = deque()  # results the socket had no room for yet
@@ -506,6 +508,19 @@ class Uplink:
             if got is not None:  # its round is committed: hand the model over now, decoded once for both
                 decoded = self._deliver_model(*got, from_task=True)
         # the memoryview keeps its zmq frame alive; no copy of the global params here
+        if self._work_s.get(task.kind, float("inf")) < min(_INLINE_MAX_S, self._heartbeat_s() / 20):
+            # this kind of task has proven short: run it here, without two thread hand-offs
+            # (a task that turns out long only delays this link's next receive, by far less
+            # than the server's dead-agent time; its duration sends the next one to the worker)
+            fut: Future[OutboxEntry] = Future()
+            try:
+                fut.set_result(self._work(task, payload, decoded))
+            except Exception as exc:  # noqa: BLE001 - counted and logged by _collect_done
+                fut.set_exception(exc)
+            self.counters["tasks_inline"] += 1
+            self._done.append((task, fut))
+            self._collect_done()
+            return
         assert self._executor is not None
         fut = self._executor.submit(self._work, task, payload, decoded)
         self._running[task.task_id] = fut
@@ -533,6 +548,7 @@ class Uplink:
     def _work(self, task: Task, payload: memoryview | None, decoded: np.ndarray | None = None) -> OutboxEntry:
         """Worker thread: decode the global params, run the handler, encode and store."""
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         global_params = decoded
         if payload is not None and decoded is None:
             global_params = self._encoder.decode(payload, check_crc=self.cfg.insecure)
@@ -542,6 +558,7 @@ class Uplink:
         t1 = time.perf_counter()
         entry = self._encoder.store(task, outcome, global_params)
         t2 = time.perf_counter()
+        self._work_s[task.kind] = time.thread_time() - c0  # CPU, not wall: a busy host does not count
         c = self.counters
         c["handler_s_total"] += t1 - t0
         c["store_s_total"] += t2 - t1
