@@ -131,6 +131,7 @@ class Coordinator:
         self._dp_scratch: np.ndarray | None = None
         self._q8_in_place = self.strategy.streaming and not cfg.privacy.enabled
         self._task_templates: dict[TaskKind, tuple[Any, bytes | None]] = {}
+        self._model_template: tuple[Any, bytes | None] | None = None
         self._accepted = {kind: metrics.accepted.labels(kind.value) for kind in TaskKind}
         self._restore()
 
@@ -207,9 +208,21 @@ class Coordinator:
                                         offset=codec.HEADER_SIZE)
         scaler = None if self.scaler is None else {"mean": self.scaler[0].tolist(), "std": self.scaler[1].tolist()}
         self._scaler_dict = scaler
-        self._model_frames = encode(MsgType.MODEL, {
-            "round": max(self.committed, 0), "spec": self.model.spec, "features": list(self.fed.features),
-            "label": self.fed.label, "scaler": scaler}, self._payload)
+        rnd = max(self.committed, 0)
+        if self._model_template is None or self._model_template[0] is not self.scaler:  # validated once
+            head = self._model_header(0, scaler)
+            self._model_template = (self.scaler, head if head.count(_ROUND_MARK) == 1 else None)
+        template = self._model_template[1]
+        head = self._model_header(rnd, scaler) if template is None else \
+            template.replace(_ROUND_MARK, b'"round":%d,' % rnd, 1)
+        self._model_frames = [head, self._payload]
+
+    def _model_header(self, rnd: int, scaler: dict[str, Any] | None) -> bytes:
+        head = encode(MsgType.MODEL, {
+            "round": rnd, "spec": self.model.spec, "features": list(self.fed.features),
+            "label": self.fed.label, "scaler": scaler}, self._payload)[0]
+        assert isinstance(head, bytes)
+        return head
 
     # ================================================================ messages
     def handle(self, rid: bytes, user_id: str | None, frames: list[Any]) -> None:
