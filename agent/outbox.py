@@ -15,12 +15,12 @@ Durability, precisely (WAL mode, ``synchronous=NORMAL`` on the outbox's connecti
 * Power loss or a kernel crash is covered *shortly after*: a stored result wakes a
   background thread (``outbox-harden``) that ``fdatasync``-s the slot files, the WAL
   and (when a checkpoint changed it) the database file, coalescing every write made
-  meanwhile: one pass per burst, at most one per ``25 ms``, off the send path. Only
-  results written in the last few tens of milliseconds before a power cut can be
-  lost; such a result was at most just sent, and the server, which never counts a
-  task twice and re-issues nothing it did not aggregate, closes the round without it
-  (as for an agent that died mid-round). :meth:`Outbox.sync` hardens on demand and
-  :meth:`Outbox.close` always does.
+  meanwhile: one pass per burst, and at most one per 0.1 s (rounds that come faster
+  share a pass), off the send path. Only results written in the last ~0.1 s before a
+  power cut can be lost; such a result was at most just sent, and the server, which
+  never counts a task twice and re-issues nothing it did not aggregate, closes the
+  round without it (as for an agent that died mid-round). :meth:`Outbox.sync` hardens
+  on demand and :meth:`Outbox.close` always does.
 * Deletes are lazy. :meth:`Outbox.drop_through` (a committed round) takes the rows
   out of the outbox at once in memory -- :meth:`~Outbox.get`, :meth:`~Outbox.pending`
   and :meth:`~Outbox.count` never return them again -- and the ``DELETE`` itself
@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedgate.agent.outbox_harden import Hardener
 from fedgate.agent.outbox_slots import SLOT_MIN_BYTES, PayloadSlots, payload_crc
 from fedgate.core.errors import StoreError
 
@@ -74,22 +75,22 @@ __all__ = ["Outbox", "OutboxEntry"]
 
 log = logging.getLogger(__name__)
 
-_HARDEN_SPACING_S = 0.025        # at most one background fsync pass this often (coalesces fast rounds)
-_CHECKPOINT_WAL_BYTES = 1 << 20  # checkpoint the WAL (off the send path) once it is this large
+_HARDEN_SPACING_S = 0.1          # at most one background fsync pass this often (coalesces fast rounds)
 _CACHE_BYTES = 64 << 20          # payload bytes of stored entries kept in memory for get()/pending()
-_TRUST_MTIME_NS = 1_000_000_000  # a file time this old changes on the next write (coarse kernel clock)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS uplink_outbox (
-    task_id    TEXT PRIMARY KEY,
-    round      INTEGER NOT NULL,
-    kind       TEXT NOT NULL,
-    fields     TEXT NOT NULL,
-    payload    BLOB,
-    created_ts REAL NOT NULL,
-    sends      INTEGER NOT NULL DEFAULT 0
-);
-"""
+# keyed by task id, without a rowid: a result costs one b-tree page per write
+_TABLE = """uplink_outbox (
+    task_id      TEXT PRIMARY KEY,
+    round        INTEGER NOT NULL,
+    kind         TEXT NOT NULL,
+    fields       TEXT NOT NULL,
+    payload      BLOB,
+    created_ts   REAL NOT NULL,
+    sends        INTEGER NOT NULL DEFAULT 0,
+    payload_slot INTEGER,
+    payload_len  INTEGER,
+    payload_crc  INTEGER
+) WITHOUT ROWID"""
 # payloads of SLOT_MIN_BYTES or more live in slot files (fedgate.agent.outbox_slots)
 _SLOT_COLUMNS = (("payload_slot", "INTEGER"), ("payload_len", "INTEGER"), ("payload_crc", "INTEGER"))
 _COLUMNS = "task_id, round, kind, fields, payload, created_ts, sends, payload_slot, payload_len, payload_crc"
@@ -153,34 +154,13 @@ class Outbox:
 
     def __init__(self, db_path: str | Path, *, linger_s: float = 0.5) -> None:
         self.path = Path(db_path)
-        self._wal_path = self.path.with_name(self.path.name + "-wal")
-        self._linger_s = float(linger_s)
-        self._lock = threading.Lock()           # the connection, the index, the slots
-        self._hlock = threading.Lock()          # guards the hardening state below
-        self._sync_lock = threading.Lock()      # one fsync pass at a time
-        self._sync_fds: dict[Path, int] = {}    # see _sync_fd: never closed before close()
-        self._stale_fds: list[int] = []
-        self._db_synced: tuple[int, int] | None = None  # (mtime_ns, size) of the database file at its last fsync
-        self._wake = threading.Condition(self._hlock)   # a pass finished (wait_durable)
-        self._work = threading.Condition(self._hlock)   # a write to harden (the harden thread)
-        self._written = 1                       # writes committed so far (the schema is the first)
-        self._hardened = 0                      # writes known to be on stable storage
-        self._thread: threading.Thread | None = None
-        self._sleeping = False                  # the harden thread waits for a write (needs a notify)
-        self._closing = False
+        self._lock = threading.Lock()           # the connection, the index, the slots, deferred deletes
         # task_id -> (round, slot or None, payload length, the entry if kept in memory)
         self._index: dict[str, tuple[int, int | None, int, OutboxEntry | None]] = {}
         self._cached_bytes = 0
         self._drop_round: int | None = None     # a deferred DELETE of the rounds <= this
         self._drop_slots: list[int] = []        # slots free once that DELETE committed
-        self.harden_errors = 0
-        self.fsyncs = 0                         # background (or sync()) passes
-        self.fsync_calls = 0                    # fsync/fdatasync system calls they made
-        self.checkpoints = 0
-        self.checkpointed = 0                   # writes moved from the WAL into the database file
         self.corrupt_payloads = 0
-        self._wal_bytes = 0                     # about how much the WAL holds since it last started over
-        self._backfilled = False                # the last checkpoint moved every frame: the WAL starts over
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db: sqlite3.Connection | None = sqlite3.connect(
@@ -190,13 +170,7 @@ class Outbox:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on the harden thread
             db.execute("PRAGMA busy_timeout=30000")
-            db.executescript(_SCHEMA)
-            # the outbox holds a few rows: an index on round only costs a page per write
-            db.execute("DROP INDEX IF EXISTS uplink_outbox_round")
-            have = {r[1] for r in db.execute("PRAGMA table_info(uplink_outbox)")}
-            for name, kind in _SLOT_COLUMNS:
-                if name not in have:  # a state file from before slot files
-                    db.execute(f"ALTER TABLE uplink_outbox ADD COLUMN {name} {kind}")
+            _create_or_upgrade(db)
             self._slots = PayloadSlots(self.path.with_name(self.path.name + ".outbox"))
             for tid, rnd, slot, length in db.execute(
                     "SELECT task_id, round, payload_slot, COALESCE(payload_len, LENGTH(payload), 0) "
@@ -208,6 +182,8 @@ class Outbox:
             raise StoreError(f"outbox {self.path}: cannot open: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"outbox {self.path}: cannot open its payload slots: {exc}") from exc
+        self._h = Hardener(self.path, self._slots, self._idle_flush, linger_s=float(linger_s),
+                           spacing_s=_HARDEN_SPACING_S)
         self._fsync_dir()
         self.sync()
 
@@ -254,7 +230,7 @@ class Outbox:
             if keep:
                 self._cached_bytes += n
             self._index[tid] = (entry.round, slot, n, entry if keep else None)
-            self._kick(nbytes, harden=True)
+            self._h.kick(nbytes, harden=True)
 
     def remove(self, task_id: str) -> bool:
         """Delete one entry; True if it was there."""
@@ -262,7 +238,7 @@ class Outbox:
             self._conn()
             n = self._commit(_REMOVE, (task_id,))
             self._unindex(task_id)
-            self._kick(4096, harden=False)
+            self._h.kick(4096, harden=False)
         return n > 0
 
     def drop_through(self, round_: int) -> int:
@@ -283,20 +259,48 @@ class Outbox:
                     self._drop_slots.append(slot)  # still named by a row until the DELETE commits
             if gone:
                 self._drop_round = r if self._drop_round is None else max(self._drop_round, r)
+                with self._h.lock:
+                    self._h.deferred = True
         return len(gone)
 
     # -- durability ---------------------------------------------------------------
     @property
     def writes(self) -> int:
         """Writes committed so far (a sequence number; :attr:`checkpointed` compares to it)."""
-        with self._hlock:
-            return self._written
+        with self._h.lock:
+            return self._h.written
 
     @property
     def durable(self) -> bool:
         """True when every write so far has been fsynced and no delete is deferred."""
-        with self._hlock:
-            return self._hardened >= self._written and self._drop_round is None
+        h = self._h
+        with h.lock:
+            return h.hardened >= h.written and not h.deferred
+
+    @property
+    def fsyncs(self) -> int:
+        """Hardening passes so far (background or :meth:`sync`)."""
+        return self._h.passes
+
+    @property
+    def fsync_calls(self) -> int:
+        """fsync/fdatasync system calls those passes made."""
+        return self._h.calls
+
+    @property
+    def harden_errors(self) -> int:
+        """Passes that failed (logged; retried)."""
+        return self._h.errors
+
+    @property
+    def checkpoints(self) -> int:
+        """WAL checkpoints run by the background thread."""
+        return self._h.checkpoints
+
+    @property
+    def checkpointed(self) -> int:
+        """Writes moved from the WAL into the database file (compare with :attr:`writes`)."""
+        return self._h.checkpointed
 
     def sync(self) -> bool:
         """Apply deferred deletes and fsync every write made so far now (in the calling
@@ -305,21 +309,11 @@ class Outbox:
             if self._db is None:
                 return self.durable
             self._flush_drop()
-        with self._hlock:
-            target = self._written
-        return self._harden(target)
+        return self._h.sync()
 
     def wait_durable(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the background thread to harden every write so far."""
-        deadline = time.monotonic() + timeout_s
-        with self._hlock:
-            target = self._written
-            while self._hardened < target:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._wake.wait(min(left, 0.05))
-        return True
+        return self._h.wait(timeout_s)
 
     # -- reads --------------------------------------------------------------------
     def get(self, task_id: str) -> OutboxEntry | None:
@@ -357,12 +351,7 @@ class Outbox:
     def close(self) -> None:
         """Stop the background thread, apply deferred deletes, fsync what is left, close
         (idempotent)."""
-        with self._hlock:
-            self._closing = True
-            thread = self._thread
-            self._work.notify_all()
-        if thread is not None:
-            thread.join()
+        self._h.stop()
         if self._db is not None:
             try:
                 self.sync()
@@ -372,12 +361,7 @@ class Outbox:
             if self._db is not None:
                 self._db.close()
                 self._db = None
-        with self._sync_lock:
-            for fd in [*self._sync_fds.values(), *self._stale_fds]:
-                os.close(fd)
-            self._sync_fds.clear()
-            self._stale_fds.clear()
-            self._slots.close()
+        self._h.close()
 
     # -- internals ----------------------------------------------------------------
     def _commit(self, sql: str, args: tuple[Any, ...]) -> int:
@@ -411,12 +395,19 @@ class Outbox:
         except sqlite3.Error as exc:
             raise StoreError(f"outbox {self.path}: write failed: {exc}") from exc
         self._dropped()
-        self._kick(4096, harden=False)
+        self._h.kick(4096, harden=False)
         return True
 
+    def _idle_flush(self) -> None:
+        """The harden thread, idle: apply the deferred deletes."""
+        with self._lock:
+            if self._db is not None:
+                self._flush_drop()
+
     def _dropped(self) -> None:
-        with self._hlock:
-            self._drop_round = None
+        self._drop_round = None
+        with self._h.lock:
+            self._h.deferred = False
         for slot in self._drop_slots:
             self._slots.release(slot)
         self._drop_slots.clear()
@@ -470,157 +461,6 @@ class Outbox:
             raise StoreError(f"outbox {self.path}: closed")
         return db
 
-    def _kick(self, nbytes: int, harden: bool) -> None:
-        """Count a committed write and (``harden``) make sure the harden thread will fsync it.
-
-        Deletes do not wake the thread: a delete lost to a power cut only brings back a
-        result of a committed round, which the server refuses as stale (and the agent
-        then drops); they are hardened with the next stored result, or by :meth:`sync`.
-        """
-        with self._hlock:
-            self._written += 1
-            if self._backfilled:
-                self._backfilled, self._wal_bytes = False, 0
-            self._wal_bytes += nbytes
-            if self._closing or not harden:
-                return
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._harden_loop, name="outbox-harden", daemon=True)
-                self._thread.start()
-            elif self._sleeping:  # else it is syncing or spacing its passes: it looks again before sleeping
-                self._sleeping = False
-                self._work.notify()
-
-    def _harden_loop(self) -> None:
-        ckpt: list[sqlite3.Connection] = []  # this thread's own connection for checkpoints
-        last = -_HARDEN_SPACING_S
-        try:
-            while True:
-                with self._hlock:
-                    if self._hardened >= self._written and not self._closing:
-                        self._sleeping = True
-                        self._work.wait(self._linger_s)
-                        self._sleeping = False
-                    if self._closing:
-                        self._thread = None  # close() hardens what is left
-                        return
-                    idle = self._hardened >= self._written
-                    if idle and self._drop_round is None:
-                        self._thread = None  # idle: exit; the next write starts a new one
-                        return
-                    wait = last + _HARDEN_SPACING_S - time.monotonic()
-                    if not idle and wait > 0:  # a pass ran just now: let this burst grow
-                        self._work.wait(wait)
-                    target = self._written
-                if idle:  # no write for linger_s: apply the deferred DELETE (hardened next turn)
-                    try:
-                        with self._lock:
-                            if self._db is not None:
-                                self._flush_drop()
-                    except StoreError as exc:
-                        log.error("outbox %s: deferred delete failed (retried with the next write): %s",
-                                  self.path, exc)
-                        with self._hlock:
-                            self._thread = None
-                        return
-                    continue
-                ok = self._harden(target)
-                last = time.monotonic()
-                if ok:
-                    self._maybe_checkpoint(ckpt, target)
-                else:
-                    time.sleep(0.1)  # a failing disk: do not spin
-        finally:
-            for db in ckpt:
-                db.close()
-
-    def _harden(self, target: int) -> bool:
-        """fsync the slot files, the WAL and the database file: every write up to
-        ``target`` is then durable."""
-        with self._sync_lock:
-            with self._hlock:
-                if self._hardened >= target:
-                    return True
-            try:
-                calls = self._slots.fsync_dirty()  # payload files (order does not matter: CRC-checked)
-                fd = self._sync_fd(self._wal_path)
-                if fd is not None:
-                    os.fdatasync(fd)
-                    calls += 1
-                calls += self._sync_db_file()
-            except OSError as exc:
-                self.harden_errors += 1
-                log.error("outbox %s: fsync failed (results stay in the OS cache, retried): %s", self.path, exc)
-                return False
-            self.fsyncs += 1
-            self.fsync_calls += calls
-            with self._hlock:
-                self._hardened = max(self._hardened, target)
-                self._wake.notify_all()
-            return True
-
-    def _sync_db_file(self) -> int:
-        """fdatasync the database file unless it is unchanged since the last time (in WAL
-        mode only checkpoints write it); returns the number of calls made."""
-        fd = self._sync_fd(self.path)
-        if fd is None:
-            return 0
-        st = os.fstat(fd)
-        seen = (st.st_mtime_ns, st.st_size)
-        if seen == self._db_synced:
-            return 0
-        os.fdatasync(fd)
-        # a file time older than the kernel's clock tick surely changes with the next write
-        self._db_synced = seen if time.time_ns() - st.st_mtime_ns > _TRUST_MTIME_NS else None
-        return 1
-
-    def _sync_fd(self, path: Path) -> int | None:
-        """A descriptor of ``path`` to fsync through, opened once and kept open.
-
-        Closing any descriptor of a file drops every POSIX lock this process holds on
-        it, SQLite's included: another process would then think the database idle and
-        delete its WAL under our connections. So descriptors are only ever closed by
-        :meth:`close`, after the connections; a WAL file that was replaced (new inode)
-        gets a new descriptor and the stale one waits for :meth:`close` too.
-        """
-        try:
-            ino = os.stat(path).st_ino
-        except FileNotFoundError:
-            return None  # no WAL: everything is in the (synced) database file
-        fd = self._sync_fds.get(path)
-        if fd is not None and os.fstat(fd).st_ino == ino:
-            return fd
-        if fd is not None:
-            self._stale_fds.append(fd)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._sync_fds[path] = fd
-        if path == self.path:
-            self._db_synced = None
-        return fd
-
-    def _maybe_checkpoint(self, ckpt: list[sqlite3.Connection], target: int) -> None:
-        """Move the WAL into the database (PASSIVE: never waits for the uplink's writes).
-
-        Once every frame is in the database, the next write starts the WAL file over,
-        so it stays about one round of results large.
-        """
-        with self._hlock:
-            grown = self._wal_bytes
-        if grown < _CHECKPOINT_WAL_BYTES:  # (the WAL file keeps its size when it starts over: count bytes)
-            self.checkpointed = target
-            return
-        try:
-            if not ckpt:
-                ckpt.append(sqlite3.connect(str(self.path), timeout=0.0, isolation_level=None))
-            busy, frames, moved = ckpt[0].execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self.checkpoints += 1
-            if not busy and frames == moved:
-                self.checkpointed = target
-                with self._hlock:
-                    self._backfilled = self._written == target
-        except sqlite3.Error as exc:
-            log.debug("outbox %s: checkpoint postponed: %s", self.path, exc)
-
     def _fsync_dir(self) -> None:
         try:
             fd = os.open(self.path.parent, os.O_RDONLY)
@@ -632,6 +472,36 @@ class Outbox:
             pass
         finally:
             os.close(fd)
+
+
+def _create_or_upgrade(db: sqlite3.Connection) -> None:
+    """Create the table, or move the rows of an earlier layout (a rowid table with an
+    index on round, maybe without the slot columns) into the current one, atomically."""
+    got = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'uplink_outbox'").fetchone()
+    if got is None:
+        db.execute(f"CREATE TABLE IF NOT EXISTS {_TABLE}")
+        return
+    if "WITHOUT ROWID" in str(got[0]).upper():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        got = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'uplink_outbox'").fetchone()
+        if "WITHOUT ROWID" in str(got[0]).upper():  # another process was quicker
+            db.execute("COMMIT")
+            return
+        have = {r[1] for r in db.execute("PRAGMA table_info(uplink_outbox)")}
+        for name, kind in _SLOT_COLUMNS:
+            if name not in have:  # a state file from before slot files
+                db.execute(f"ALTER TABLE uplink_outbox ADD COLUMN {name} {kind}")
+        db.execute(f"CREATE TABLE {_TABLE.replace('uplink_outbox', 'uplink_outbox_next', 1)}")
+        db.execute(f"INSERT INTO uplink_outbox_next({_COLUMNS}) SELECT {_COLUMNS} FROM uplink_outbox")
+        db.execute("DROP TABLE uplink_outbox")
+        db.execute("ALTER TABLE uplink_outbox_next RENAME TO uplink_outbox")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _entry(row: tuple[Any, ...]) -> OutboxEntry:

@@ -168,16 +168,17 @@ def test_wal_is_checkpointed_off_the_write_path_and_stays_bounded(tmp_path):
     db = tmp_path / "state.db"
     box = Outbox(db)
     blob = np.random.default_rng(0).bytes(SLOT_MIN_BYTES - 1)  # inline rows (below the slot size)
-    for i in range(120):  # a round: the previous round's commit drops its result, a new one is stored
+    for i in range(360):  # a round: the previous round's commit drops its result, a new one is stored
         box.drop_through(i - 1)
         box.put(_entry(i, i, blob))
-        deadline = time.monotonic() + 20.0
-        while box.checkpointed < box.writes:  # the harden thread catches up between rounds
-            assert time.monotonic() < deadline, "the WAL was not checkpointed after a 2 MiB write"
-            time.sleep(0.01)
+        if i % 40 == 39:  # now and then the harden thread catches up (rounds may come faster than it)
+            deadline = time.monotonic() + 20.0
+            while box.checkpointed < box.writes:
+                assert time.monotonic() < deadline, "the WAL was not checkpointed after a 1 MiB write"
+                time.sleep(0.01)
     assert box.checkpoints >= 1
     wal = db.with_name(db.name + "-wal")
-    assert wal.stat().st_size < 4 << 20  # about 1.5 MiB went through it (rows and their deletion)
+    assert wal.stat().st_size < 2 << 20  # about 4.5 MiB went through it (rows and their deletion)
     assert box.count() == 1
     box.close()
 
