@@ -76,7 +76,7 @@ __all__ = ["Outbox", "OutboxEntry"]
 log = logging.getLogger(__name__)
 
 _HARDEN_SPACING_S = 0.1          # at most one background fsync pass this often (coalesces fast rounds)
-_CACHE_BYTES = 64 << 20          # payload bytes of stored entries kept in memory for get()/pending()
+_CACHE_BYTES = 32 << 20          # payload bytes of stored entries kept in memory for get()/pending()
 
 # keyed by task id, without a rowid: a result costs one b-tree page per write
 _TABLE = """uplink_outbox (
@@ -259,8 +259,7 @@ class Outbox:
                     self._drop_slots.append(slot)  # still named by a row until the DELETE commits
             if gone:
                 self._drop_round = r if self._drop_round is None else max(self._drop_round, r)
-                with self._h.lock:
-                    self._h.deferred = True
+                self._h.defer()
         return len(gone)
 
     # -- durability ---------------------------------------------------------------
@@ -324,8 +323,7 @@ class Outbox:
             return None
         if meta[3] is not None:
             return meta[3]
-        rows = self._read(f"SELECT {_COLUMNS} FROM uplink_outbox WHERE task_id = ?", (task_id,))
-        entries = self._entries(rows, {})
+        entries = self._load(f"SELECT {_COLUMNS} FROM uplink_outbox WHERE task_id = ?", (task_id,), {})
         return entries[0] if entries else None
 
     def pending(self) -> list[OutboxEntry]:
@@ -334,8 +332,7 @@ class Outbox:
             self._conn()
             self._flush_drop()
             kept = {tid: meta[3] for tid, meta in self._index.items() if meta[3] is not None}
-        rows = self._read(f"SELECT {_COLUMNS} FROM uplink_outbox ORDER BY round, created_ts", ())
-        return self._entries(rows, kept)
+        return self._load(f"SELECT {_COLUMNS} FROM uplink_outbox ORDER BY round, created_ts", (), kept)
 
     def count(self) -> int:
         """Number of stored entries."""
@@ -420,40 +417,36 @@ class Outbox:
             self._cached_bytes -= meta[2]
         self._slots.release(meta[1])
 
-    def _entries(self, rows: list[tuple[Any, ...]], kept: dict[str, OutboxEntry]) -> list[OutboxEntry]:
-        """Rows -> entries (``kept``: those still in memory), reading slot payloads; a row
-        whose slot does not hold its payload (torn by a power cut, or reused after a
-        delete the power cut undid) is dropped."""
+    def _load(self, sql: str, args: tuple[Any, ...], kept: dict[str, OutboxEntry]) -> list[OutboxEntry]:
+        """Rows -> entries (``kept``: those still in memory), their slot payloads read under
+        the same lock (so no slot is reused meanwhile); a row whose slot does not hold its
+        payload (torn by a power cut, or reused after a delete the power cut undid) is
+        dropped."""
+        rows: list[tuple[Any, ...]] = []
+        with self._lock:
+            try:
+                found = self._conn().execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"outbox {self.path}: read failed: {exc}") from exc
+            for row in found:
+                task_id, payload, slot = row[0], row[4], row[7]
+                if task_id not in kept and slot is not None:
+                    payload = self._slots.read(int(slot), task_id, int(row[8]), int(row[9]))
+                rows.append(row[:4] + (payload,) + row[5:8])
         out, bad = [], []
         for row in rows:
-            task_id, slot, length, crc = row[0], row[7], row[8], row[9]
-            entry = kept.get(task_id)
+            entry = kept.get(row[0])
             if entry is not None:
                 out.append(entry)
-                continue
-            payload = row[4]
-            if slot is not None:
-                payload = self._slots_read(int(slot), task_id, int(length), int(crc))
-                if payload is None:
-                    bad.append(task_id)
-                    continue
-            out.append(_entry(row[:4] + (payload,) + row[5:7]))
+            elif row[4] is None and row[7] is not None:
+                bad.append(row[0])
+            else:
+                out.append(_entry(row[:7]))
         for task_id in bad:
             self.corrupt_payloads += 1
             log.error("outbox %s: the payload of task %s is missing or damaged; result dropped", self.path, task_id)
             self.remove(task_id)
         return out
-
-    def _slots_read(self, slot: int, task_id: str, length: int, crc: int) -> bytes | None:
-        with self._lock:
-            return self._slots.read(slot, task_id, length, crc)
-
-    def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return self._conn().execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise StoreError(f"outbox {self.path}: read failed: {exc}") from exc
 
     def _conn(self) -> sqlite3.Connection:
         db = self._db

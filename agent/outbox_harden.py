@@ -92,6 +92,14 @@ class Hardener:
                 self._sleeping = False
                 self._work.notify()
 
+    def defer(self) -> None:
+        """The outbox deferred a delete: make sure a thread is there to apply it once idle."""
+        with self.lock:
+            self.deferred = True
+            if self._thread is None and not self._closing:
+                self._thread = threading.Thread(target=self._loop, name="outbox-harden", daemon=True)
+                self._thread.start()
+
     def sync(self) -> bool:
         """One pass now, in the calling thread, covering every write counted so far."""
         with self.lock:
