@@ -268,9 +268,10 @@ class Transport:
         """Send one message to a peer without blocking; False if it is gone or its queue is full.
 
         Small frames are copied (cheaper than a zero-copy frame). A large ``bytes``
-        payload sent a second time (the global model, going to every agent) becomes one
-        shared ``zmq.Frame``: every later send hands libzmq a reference to the same
-        buffer (no copy, no allocation). Other large frames are sent without a copy.
+        payload (frame 1, never a header) sent a second time (the global model, going to
+        every agent) becomes one shared ``zmq.Frame``: every later send hands libzmq a
+        reference to the same buffer (no copy, no allocation). Other large frames are sent
+        without a copy.
         """
         sock = self.sock
         assert sock is not None
@@ -284,8 +285,8 @@ class Transport:
                 flags = zmq.NOBLOCK if i == last else _MORE
                 if n < _SHARE_MIN:
                     sock.send(frame, flags)
-                else:
-                    shared = self._shared_frame(frame) if type(frame) is bytes else None
+                else:  # a payload (frame 1) may be shared; a header never repeats (its nonce)
+                    shared = self._shared_frame(frame) if i and type(frame) is bytes else None
                     if shared is None:
                         sock.send(frame, flags, copy=n < _ZERO_COPY_MIN)
                     else:

@@ -36,9 +36,11 @@ def test_a_payload_sent_to_every_peer_arrives_intact_and_replacements_too():
                 for version in range(3):
                     payload = rng.bytes(size)
                     for i, s in enumerate(peers):
-                        assert tr.send(rids[b"hello %d" % i], [b"head", payload])
-                        assert _recv(s) == [b"head", payload]
-            assert tr.bytes_out == 4 * 3 * (5_000 + 200_000 + 2 * 4)
+                        head = b"%d" % i + rng.bytes(5_000)  # a large header, different for every peer
+                        assert tr.send(rids[b"hello %d" % i], [head, payload])
+                        assert _recv(s) == [head, payload]
+            assert tr._shared and next(iter(tr._shared.values()))[0] is payload  # the last one is shared
+            assert tr.bytes_out == 4 * 3 * (5_000 + 200_000 + 2 * 5_001)
         finally:
             for s in peers:
                 s.close(0)
