@@ -208,11 +208,11 @@ class Outbox:
             slot = None
             if n >= SLOT_MIN_BYTES:  # the file first, then the row that names it
                 assert view is not None
-                slot = self._slots.claim()
+                slot = self._slots.claim(self._h.hardened)
                 crc = payload_crc(view)
                 try:
                     self._slots.write(slot, tid, view, crc)
-                except OSError as exc:
+                except (OSError, ValueError) as exc:  # (ValueError: a task id that is not ASCII)
                     self._slots.release(slot)
                     raise StoreError(f"outbox {self.path}: cannot write payload slot {slot}: {exc}") from exc
                 row = (tid, entry.round, entry.kind, text, None, entry.created_ts, entry.sends, slot, n, crc)
@@ -405,8 +405,9 @@ class Outbox:
         self._drop_round = None
         with self._h.lock:
             self._h.deferred = False
+        at = self._h.written + 1  # the write being committed (counted right after)
         for slot in self._drop_slots:
-            self._slots.release(slot)
+            self._slots.release(slot, at)
         self._drop_slots.clear()
 
     def _unindex(self, task_id: str) -> None:
@@ -415,7 +416,7 @@ class Outbox:
             return
         if meta[3] is not None:
             self._cached_bytes -= meta[2]
-        self._slots.release(meta[1])
+        self._slots.release(meta[1], self._h.written + 1)
 
     def _load(self, sql: str, args: tuple[Any, ...], kept: dict[str, OutboxEntry]) -> list[OutboxEntry]:
         """Rows -> entries (``kept``: those still in memory), their slot payloads read under

@@ -14,9 +14,10 @@ Each slot file starts with a header naming the task it holds::
 
 followed by the payload. A payload is accepted on reading only when the header names
 the row's task and both length and CRC match, so a torn write (power loss before the
-background fsync) or a slot reused after a delete that a power cut undid is detected,
-never sent. Slots are reused lowest first; files are never deleted (a slot the
-current rows do not name is free).
+background fsync) is detected, never sent. Slots are reused lowest first, once the
+delete that freed them is on stable storage (so a power cut cannot bring back a row
+whose slot was overwritten); files are never deleted (a slot the current rows do not
+name is free).
 
 The CRC-32 costs ~0.25 ms per MB to compute. A payload in fedgate's vector codec
 format (:mod:`fedgate.core.codec`: magic ``FGVC``, a 24-byte header whose bytes
@@ -40,6 +41,7 @@ SLOT_MIN_BYTES = 8 * 1024       # smaller payloads stay inline in the outbox row
 _HEADER = struct.Struct("<8s32sQI")
 _MAGIC = b"FGOBX001"
 _OPEN_SLOTS = 8                 # descriptors of slots below this number stay open
+_SPARE_SLOTS = 3                # slots left waiting for their delete's fsync before one is reused anyway
 _CODEC_MAGIC = b"FGVC"
 _CODEC_HEADER = 24              # fedgate.core.codec.HEADER_SIZE
 _CODEC_CRC_AT = 20
@@ -85,6 +87,7 @@ class PayloadSlots:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self._used: set[int] = set()
+        self._freed_at: dict[int, int] = {}  # slot -> the write whose commit freed it
         self._dirty: set[int] = set()
         self._new_entries = True          # the directory itself needs an fsync
         self._fds: dict[int, int] = {}    # slot -> open descriptor (slots < _OPEN_SLOTS)
@@ -98,17 +101,32 @@ class PayloadSlots:
         """A row of the table names ``slot`` (at open)."""
         self._used.add(slot)
 
-    def claim(self) -> int:
-        """The lowest free slot, now in use."""
-        slot = 0
-        while slot in self._used:
-            slot += 1
+    def claim(self, hardened: int = 0) -> int:
+        """The lowest free slot, now in use.
+
+        A slot freed by a delete that is not yet on stable storage (write number above
+        ``hardened``) is skipped while a few others are at hand: a power cut could bring
+        its row back, whose payload should then still be there (else the row is only
+        reported damaged and dropped, as it was committed anyway). So there are at most
+        ``_SPARE_SLOTS`` files more than rows.
+        """
+        waiting = sorted(s for s, at in self._freed_at.items() if at > hardened and s not in self._used)
+        if len(waiting) >= _SPARE_SLOTS:  # results come faster than the fsync passes: reuse one anyway
+            slot = waiting[0]
+        else:
+            slot = 0
+            while slot in self._used or self._freed_at.get(slot, 0) > hardened:
+                slot += 1
         self._used.add(slot)
+        self._freed_at.pop(slot, None)
         return slot
 
-    def release(self, slot: int | None) -> None:
+    def release(self, slot: int | None, at_write: int = 0) -> None:
+        """``slot`` is named by no row since write number ``at_write`` (0: never was)."""
         if slot is not None:
             self._used.discard(slot)
+            if at_write:
+                self._freed_at[slot] = at_write
 
     def write(self, slot: int, task_id: str, view: bytes | memoryview, crc: int) -> None:
         """Write the payload ``view`` (unsigned bytes, CRC-32 ``crc``) for ``task_id`` into ``slot``.

@@ -16,7 +16,7 @@ import pytest
 
 import fedgate.agent.outbox as outbox_module
 from fedgate.agent.outbox import Outbox, OutboxEntry
-from fedgate.agent.outbox_slots import SLOT_MIN_BYTES, PayloadSlots, payload_crc
+from fedgate.agent.outbox_slots import _SPARE_SLOTS, SLOT_MIN_BYTES, PayloadSlots, payload_crc
 from fedgate.core import codec
 
 
@@ -211,10 +211,11 @@ def test_shrinking_payload_truncates_its_reused_slot(tmp_path):
     for i, blob in enumerate(blobs):
         box.put(_entry(i, i, blob))
         box.drop_through(i - 1)
+        assert box.sync()  # the delete on disk: its slot is free for the next result
     box.close()
     files = {p.name: p.stat().st_size for p in (tmp_path / "state.db.outbox").iterdir()}
-    # slot 0 held the 300 kB payload, then (its row deleted with the third put) the last one
-    assert files == {"slot-0.bin": 52 + sizes[3], "slot-1.bin": 52 + sizes[1], "slot-2.bin": 52 + sizes[2]}
+    # slot 0 held 300 kB, then 120 kB; slot 1 grew from 8192 to 8193 bytes
+    assert files == {"slot-0.bin": 52 + sizes[2], "slot-1.bin": 52 + sizes[3]}
     again = Outbox(db)
     assert [e.payload for e in again.pending()] == blobs[-1:]
     again.close()
@@ -296,7 +297,29 @@ def test_many_rounds_share_background_passes_and_end_durable(tmp_path):
     assert box.durable
     again = Outbox(db)
     assert [e.task_id for e in again.pending()] == [_tid(199)]
-    # three files in turn: this round's, the previous one's (not yet committed), the one
-    # whose row this put's transaction deletes
-    assert len(list((tmp_path / "state.db.outbox").iterdir())) == 3
+    # this round's, the previous one's (not yet committed), the one whose row this put's
+    # transaction deletes, and a few waiting for the fsync of the delete that freed them
+    assert len(list((tmp_path / "state.db.outbox").iterdir())) <= 3 + _SPARE_SLOTS
     again.close()
+
+
+def test_a_slot_is_reused_once_the_delete_that_freed_it_is_hardened(tmp_path):
+    slots = PayloadSlots(tmp_path / "slots")
+    assert [slots.claim(), slots.claim()] == [0, 1]
+    slots.release(0, at_write=7)  # its row's DELETE is write 7
+    assert slots.claim(hardened=6) == 2  # not yet on disk: a power cut could bring the row back
+    slots.release(2)  # never named by a committed row: free at once
+    assert slots.claim(hardened=6) == 2
+    assert slots.claim(hardened=7) == 0
+    slots.release(0)
+    slots.release(1)
+    slots.release(2)
+    # results faster than the fsync passes: a round frees a slot (its write not hardened)
+    # and claims one; a few slots wait for their fsync, then the oldest is reused anyway
+    seen = set()
+    for write in range(10, 40):
+        slot = slots.claim(hardened=5)
+        seen.add(slot)
+        slots.release(slot, at_write=write)
+    assert len(seen) == _SPARE_SLOTS  # (no row held meanwhile)
+    slots.close()
