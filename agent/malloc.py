@@ -17,7 +17,7 @@ import logging
 import os
 from typing import Any
 
-__all__ = ["tune", "trim"]
+__all__ = ["tune", "trim", "keep_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 _libc: Any = None
+_kept = 0  # the largest block size keep_blocks has made room for
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 
 
 def _glibc() -> Any:
@@ -65,3 +67,30 @@ def trim() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def keep_blocks(nbytes: int) -> bool:
+    """Serve blocks of up to ``nbytes`` from the heap and keep them there; True if changed.
+
+    A federated round of a large model allocates and frees a few model-sized buffers
+    (the received global model, its decoded vector, the encoded result). Mapped afresh
+    each round they cost one page fault per 4 KiB (about 1 ms per 4 MB, every buffer,
+    every round); kept in the heap they are reused. The peak memory of a round does not
+    change, only what stays resident between rounds; :func:`trim` still hands free heap
+    pages back after training. Called by the uplink with the model's size; only ever
+    raises the thresholds, never lowers them.
+    """
+    global _kept
+    libc = _glibc()
+    want = min(_MMAP_THRESHOLD_MAX, int(nbytes) + 4096)
+    if libc is None or want <= _kept:
+        return False
+    _kept = want
+    ok = True
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, want)) and ok
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, 4 * want)) and ok
+    if not ok:
+        log.debug("mallopt refused the thresholds for %d-byte blocks", want)
+    return ok

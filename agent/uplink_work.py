@@ -126,6 +126,9 @@ class TopkFeedback:
             np.copyto(self.ef.residual, self._before)
 
 
+_HEADERS_KEPT = 8  # encoded result headers kept for sending (one per task in flight is enough)
+
+
 class ResultEncoder:
     """Encodes task outcomes into outbox entries for one agent.
 
@@ -141,6 +144,18 @@ class ResultEncoder:
         self.outbox = outbox
         self.topk = TopkFeedback()  # kept across rounds
         self._topk_lock = threading.Lock()
+        self._headers: dict[str, bytes] = {}  # task id -> its stored result's encoded header (newest few)
+
+    def frames(self, entry: OutboxEntry) -> list[bytes | memoryview]:
+        """The ``result`` message of a stored entry, ready for ``send_multipart``.
+
+        The header checked and encoded when the entry was stored is used again; an
+        entry from an earlier run of the agent is encoded (and checked) afresh.
+        """
+        header = self._headers.get(entry.task_id)
+        if header is None:
+            return protocol.encode(MsgType.RESULT, entry.fields, entry.payload)
+        return [header] if entry.payload is None else [header, entry.payload]
 
     @staticmethod
     def decode(buf: bytes | memoryview, *, check_crc: bool = True) -> np.ndarray:
@@ -254,18 +269,23 @@ class ResultEncoder:
             if global_params is not None and params.size != global_params.size:
                 raise TrainingError(f"train task {task.task_id}: {params.size} params returned, "
                                     f"the global model has {global_params.size}")
-            if not np.isfinite(params).all():
+            from fedgate.core import aggregate
+
+            if not aggregate.is_finite(params):  # one pass, no temporary (a model may be megabytes)
                 raise TrainingError(f"train task {task.task_id}: the new params are not finite")
             payload = self.encode_params(params, task, global_params)
         try:
             fields = self.fields(task, outcome)
             try:
-                protocol.encode(MsgType.RESULT, fields, payload)  # the wire's own checks, before storing
+                frames = protocol.encode(MsgType.RESULT, fields, payload)  # the wire's own checks, before storing
             except ProtocolError as exc:
                 raise TrainingError(f"{task.kind} task {task.task_id}: result not sendable: {exc}") from exc
             entry = OutboxEntry(task_id=task.task_id, round=task.round, kind=task.kind, fields=fields,
                                 payload=payload)
             self.outbox.put(entry)
+            self._headers[task.task_id] = frames[0]
+            while len(self._headers) > _HEADERS_KEPT:
+                self._headers.pop(next(iter(self._headers)))
         except BaseException:
             if payload is not None and task.codec == "topk":  # never sent: its part stays in the residual
                 with self._topk_lock:

@@ -135,6 +135,7 @@ class BenchHandler(SynthHandler):
         self.model_out = None
         self.task_log = []
         self._noise: np.ndarray | None = None
+        self._out: np.ndarray | None = None
 
     def hello_info(self):
         from fedgate.agent.uplink import HelloInfo
@@ -153,7 +154,9 @@ class BenchHandler(SynthHandler):
             return TaskOutcome(n_samples=n, metrics={"loss": 0.0})
         if self._noise is None or self._noise.size != global_params.size:
             self._noise = bench_noise(self.cid, global_params.size)
-        return TaskOutcome(n_samples=n, metrics={}, params=global_params + self._noise)
+            self._out = np.empty_like(self._noise)
+        # the result is encoded (copied) before the next task can run: one buffer serves every round
+        return TaskOutcome(n_samples=n, metrics={}, params=np.add(global_params, self._noise, out=self._out))
 
     def on_model(self, model) -> None:
         return None
