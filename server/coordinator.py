@@ -312,7 +312,7 @@ class Coordinator:
         tid = f["task_id"]
         op = self.open
         try:
-            if f["kind"] == TaskKind.EVALUATE.value:
+            if f["kind"] == TaskKind.EVALUATE:  # a str enum: compares as its value
                 self._on_evaluation(name, f)
                 self._ack(rid, tid, "accepted")
                 return
@@ -324,7 +324,7 @@ class Coordinator:
                                               f"which is closed")
             if op.tasks[tid] != name:
                 raise Rejected("identity", f"task {tid} was sent to {op.tasks[tid]}, not {name}")
-            if f["round"] != op.round or f["kind"] != op.kind.value:
+            if f["round"] != op.round or f["kind"] != op.kind:
                 raise Rejected("wrong_kind", f"task {tid} is {op.kind.value} round {op.round}, result says "
                                              f"{f['kind']} round {f['round']}")
             if tid in op.done:
@@ -365,8 +365,8 @@ class Coordinator:
             raise Rejected("empty", "a train result must report n_samples >= 1")
         weight = float(f["n_samples"])
         head = self.validator.header(payload)
-        if head.delta or head.codec is codec.Codec.TOPK:
-            vec, _ = check_update(self.validator, payload, self.params, self.strategy.buffer)  # params, also from deltas
+        if head.delta or head.codec is codec.Codec.TOPK:  # params, also from deltas
+            vec, _ = check_update(self.validator, payload, self.params, self.strategy.buffer)
         elif head.codec is codec.Codec.Q8 and self._q8_in_place:  # checked and summed straight from the frame
             self.validator.check_q8(payload, head, self.params)  # type: ignore[arg-type]
             self.strategy.add_q8(payload, codec.HEADER_SIZE, head.param, weight)  # type: ignore[arg-type]

@@ -109,7 +109,8 @@ class UpdateValidator:
             bad, sq = agg.check_f32_update(payload, codec.HEADER_SIZE, global_params)
             if bad >= 0:
                 raise Rejected("nonfinite", f"update has a non-finite value at index {bad}")
-            vec = np.frombuffer(payload, dtype="<f4", count=self.dim, offset=codec.HEADER_SIZE)  # type: ignore[arg-type]
+            vec = np.frombuffer(payload, dtype="<f4", count=self.dim,  # type: ignore[arg-type]
+                                offset=codec.HEADER_SIZE)
             return vec, self._norm(sq)
         try:
             vec = codec.decode(payload, out=out(), check_crc=False)  # type: ignore[arg-type]
