@@ -97,6 +97,7 @@ _COLUMNS = "task_id, round, kind, fields, payload, created_ts, sends, payload_sl
 _INSERT = f"INSERT OR REPLACE INTO uplink_outbox({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
 _DROP = "DELETE FROM uplink_outbox WHERE round <= ?"
 _REMOVE = "DELETE FROM uplink_outbox WHERE task_id = ?"
+_REUSE = (f"UPDATE uplink_outbox SET ({_COLUMNS}) = (?,?,?,?,?,?,?,?,?,?) WHERE task_id = ?")
 _encode_fields = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
@@ -160,6 +161,7 @@ class Outbox:
         self._cached_bytes = 0
         self._drop_round: int | None = None     # a deferred DELETE of the rounds <= this
         self._drop_slots: list[int] = []        # slots free once that DELETE committed
+        self._drop_ids: list[str] = []          # the rows it deletes
         self.corrupt_payloads = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +223,10 @@ class Outbox:
                 row = (tid, entry.round, entry.kind, text, view, entry.created_ts, entry.sends, None, None, None)
                 nbytes = 4096 + len(text) + n
             try:
-                self._commit(_INSERT, row)
+                if len(self._drop_ids) == 1 and tid not in self._index:
+                    self._reuse_row(row)
+                else:
+                    self._commit(_INSERT, row)
             except StoreError:
                 self._slots.release(slot)
                 raise
@@ -251,6 +256,7 @@ class Outbox:
         with self._lock:
             self._conn()
             gone = [tid for tid, meta in self._index.items() if meta[0] <= r]
+            self._drop_ids += gone
             for tid in gone:
                 _, slot, n, kept = self._index.pop(tid)
                 if kept is not None:
@@ -383,6 +389,19 @@ class Outbox:
         self._dropped()
         return n
 
+    def _reuse_row(self, row: tuple[Any, ...]) -> None:
+        """Store ``row`` in place of the one row whose DELETE is deferred: one statement
+        (the usual round: a result stored, the previous round's dropped)."""
+        db = self._conn()
+        try:
+            done = db.execute(_REUSE, (*row, self._drop_ids[0])).rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"outbox {self.path}: write failed: {exc}") from exc
+        if done != 1:  # (the row was not there after all)
+            self._commit(_INSERT, row)
+            return
+        self._dropped()
+
     def _flush_drop(self) -> bool:
         """Run the deferred DELETE now, alone (under ``self._lock``); True if there was one."""
         if self._drop_round is None:
@@ -403,6 +422,7 @@ class Outbox:
 
     def _dropped(self) -> None:
         self._drop_round = None
+        self._drop_ids.clear()
         with self._h.lock:
             self._h.deferred = False
         at = self._h.written + 1  # the write being committed (counted right after)

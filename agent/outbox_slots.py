@@ -110,13 +110,16 @@ class PayloadSlots:
         reported damaged and dropped, as it was committed anyway). So there are at most
         ``_SPARE_SLOTS`` files more than rows.
         """
-        waiting = sorted(s for s, at in self._freed_at.items() if at > hardened and s not in self._used)
-        if len(waiting) >= _SPARE_SLOTS:  # results come faster than the fsync passes: reuse one anyway
-            slot = waiting[0]
-        else:
-            slot = 0
-            while slot in self._used or self._freed_at.get(slot, 0) > hardened:
-                slot += 1
+        used, freed_at = self._used, self._freed_at
+        slot, first_waiting, waiting = 0, -1, 0
+        while slot in used or freed_at.get(slot, 0) > hardened:
+            if slot not in used:
+                waiting += 1
+                if first_waiting < 0:
+                    first_waiting = slot
+            slot += 1
+        if waiting >= _SPARE_SLOTS:  # results come faster than the fsync passes: reuse one anyway
+            slot = first_waiting
         self._used.add(slot)
         self._freed_at.pop(slot, None)
         return slot

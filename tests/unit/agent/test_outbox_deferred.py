@@ -323,3 +323,24 @@ def test_a_slot_is_reused_once_the_delete_that_freed_it_is_hardened(tmp_path):
         slots.release(slot, at_write=write)
     assert len(seen) == _SPARE_SLOTS  # (no row held meanwhile)
     slots.close()
+
+
+def test_the_row_of_a_dropped_round_is_reused_in_place(tmp_path):
+    db = tmp_path / "state.db"
+    box = Outbox(db, linger_s=60.0)
+    big = np.random.default_rng(7).bytes(SLOT_MIN_BYTES * 2)
+    box.put(_entry(1, 1, big))
+    box.put(_entry(2, 2, b"two"))
+    box.drop_through(1)
+    box.put(_entry(3, 3, None))  # one statement: row 1 becomes row 3
+    assert _rows(db) == [(_tid(2), 2), (_tid(3), 3)]
+    box.drop_through(3)
+    box.put(_entry(3, 4, b"again"))  # the same task stored again after its round was dropped
+    assert _rows(db) == [(_tid(3), 4)]
+    box.drop_through(2)  # nothing left of round <= 2 ...
+    box.put(_entry(3, 5, big))  # ... so this replaces row 3 the ordinary way
+    assert _rows(db) == [(_tid(3), 5)]
+    box.close()
+    again = Outbox(db)
+    assert [(e.task_id, e.round, e.payload) for e in again.pending()] == [(_tid(3), 5, big)]
+    again.close()
