@@ -24,9 +24,10 @@ Durability, precisely (WAL mode, ``synchronous=NORMAL`` on the outbox's connecti
 * Deletes are lazy. :meth:`Outbox.drop_through` (a committed round) takes the rows
   out of the outbox at once in memory -- :meth:`~Outbox.get`, :meth:`~Outbox.pending`
   and :meth:`~Outbox.count` never return them again -- and the ``DELETE`` itself
-  rides in the transaction of the next stored result (or runs when the background
+  rides in the transaction of the next stored result (which simply takes over the
+  dropped row when there is one: a single ``UPDATE``), or runs when the background
   thread has seen no write for ``linger_s``, or on :meth:`~Outbox.sync`,
-  :meth:`~Outbox.pending` and :meth:`~Outbox.close`). A delete lost to a crash or a
+  :meth:`~Outbox.pending` and :meth:`~Outbox.close`. A delete lost to a crash or a
   power cut only brings back a result of a committed round: the restarted agent
   re-sends it, the server refuses it as stale and the agent then removes it.
 * The WAL is checkpointed into the database by the same thread (the outbox's own
@@ -35,8 +36,8 @@ Durability, precisely (WAL mode, ``synchronous=NORMAL`` on the outbox's connecti
 
 The table lives beside the agent's own tables in the same file (WAL mode, so the
 agent's store and the uplink can both use it). The outbox keeps an index of its rows
-in memory (task id, round, payload slot and length, and the entry itself while its
-payload is small enough to keep), so :meth:`~Outbox.get`, :meth:`~Outbox.count` and
+in memory (task id, round, payload slot and length, and the stored entry itself while
+the kept payloads total at most 32 MiB), so :meth:`~Outbox.get`, :meth:`~Outbox.count` and
 :meth:`~Outbox.drop_through` touch no disk. Payloads of 8 KiB or more are kept in
 reusable slot files beside it (``<state file>.outbox/``, see
 :mod:`fedgate.agent.outbox_slots`): the file is written before the row that names it
