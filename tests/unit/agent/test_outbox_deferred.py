@@ -344,3 +344,17 @@ def test_the_row_of_a_dropped_round_is_reused_in_place(tmp_path):
     again = Outbox(db)
     assert [(e.task_id, e.round, e.payload) for e in again.pending()] == [(_tid(3), 5, big)]
     again.close()
+
+
+def test_a_slot_that_cannot_be_written_is_a_store_error_and_nothing_is_stored(tmp_path):
+    from fedgate.core.errors import StoreError
+
+    db = tmp_path / "state.db"
+    box = Outbox(db)
+    (tmp_path / "state.db.outbox" / "slot-0.bin").mkdir()  # not a file any more
+    with pytest.raises(StoreError, match="slot 0"):
+        box.put(_entry(1, 1, b"\x09" * SLOT_MIN_BYTES))
+    assert box.count() == 0 and box.get(_tid(1)) is None and _rows(db) == []
+    box.put(_entry(2, 1, b"small"))  # the outbox itself keeps working
+    assert box.count() == 1
+    box.close()
