@@ -15,9 +15,11 @@ Each slot file starts with a header naming the task it holds::
 followed by the payload. A payload is accepted on reading only when the header names
 the row's task and both length and CRC match, so a torn write (power loss before the
 background fsync) is detected, never sent. Slots are reused lowest first, once the
-delete that freed them is on stable storage (so a power cut cannot bring back a row
-whose slot was overwritten); files are never deleted (a slot the current rows do not
-name is free).
+delete that freed them is on stable storage, so a power cut cannot bring back a row
+whose slot was overwritten (when results come faster than the fsync passes, a few
+spare slots are used and then the oldest is reused anyway: such a row, of a committed
+round, would be reported damaged and dropped). Files are never deleted (a slot the
+current rows do not name is free).
 
 The CRC-32 costs ~0.25 ms per MB to compute. A payload in fedgate's vector codec
 format (:mod:`fedgate.core.codec`: magic ``FGVC``, a 24-byte header whose bytes
@@ -25,7 +27,9 @@ format (:mod:`fedgate.core.codec`: magic ``FGVC``, a 24-byte header whose bytes
 computed when it was encoded: that CRC is the slot's, so storing costs no pass over
 the bytes. Reading checks it the codec's way (plus the stored CRC bytes themselves);
 a plain CRC-32 of the whole payload is accepted too (other payloads, and slots
-written by earlier versions).
+written by earlier versions). A codec buffer whose own CRC is wrong is stored as it
+is and, read back from its slot after a restart, dropped as damaged (the server would
+refuse it as undecodable anyway).
 """
 from __future__ import annotations
 
