@@ -612,7 +612,7 @@ class _TaskHeaders:
         return data[:start] + b"0" * 32 + data[start + 32:], start
 
     def get(self, data: bytes, n_payload: int) -> dict[str, Any] | None:
-        if not self._known or len(data) < 200:
+        if not self._known or b'"type":"task"' not in data:
             return None
         split = self._split(data)
         if split is None:
