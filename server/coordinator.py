@@ -440,10 +440,11 @@ class Coordinator:
                 log.info("%s round %d waits for agents: %d ready, need %d", kind.value, rnd, len(ready),
                          max(need, self.fed.min_available))
             return
-        if kind is TaskKind.STATISTICS:
+        k = len(ready) if kind is TaskKind.STATISTICS else \
+            min(len(ready), max(need, math.ceil(self.fed.fraction * len(ready))))
+        if k == len(ready):  # everyone (a sample of all, sorted, is the sorted list itself)
             chosen = ready
         else:
-            k = min(len(ready), max(need, math.ceil(self.fed.fraction * len(ready))))
             rng = np.random.default_rng([self.fed.seed, rnd])
             chosen = sorted(rng.choice(ready, size=k, replace=False).tolist())
         tasks = dict(zip(new_task_ids(len(chosen)), chosen))
