@@ -3,7 +3,8 @@
 * CURVE server with the secret key from ``server.secret_key`` (mode 0600 enforced);
   ZAP domain ``fedgate`` with ``ZAP_ENFORCE_DOMAIN`` so authentication is never
   silently skipped.
-* :class:`KeyAuthenticator` (a ``ThreadAuthenticator``) admits exactly the public keys
+* :class:`~fedgate.server.zap.KeyAuthenticator` (a ``ThreadAuthenticator``, loaded in
+  CURVE mode only) admits exactly the public keys
   of ``agents_dir/*.key`` and gives each connection the key file's stem as ZAP
   User-Id; a refused key is logged at WARNING with the peer address. On
   :meth:`Transport.reload_keys` (SIGHUP) the directory is read again; a removed
@@ -21,20 +22,20 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils import z85
-from zmq.utils.monitor import recv_monitor_message
 
 from fedgate.core.errors import ConfigError, SecurityError
 from fedgate.core.keys import load_keypair, public_keys_in
 
-__all__ = ["ZAP_DOMAIN", "Incoming", "KeyAuthenticator", "Transport", "TransportLimits", "generate_keypair"]
+if TYPE_CHECKING:
+    from fedgate.server.zap import KeyAuthenticator
+
+__all__ = ["ZAP_DOMAIN", "Incoming", "Transport", "TransportLimits", "generate_keypair"]
 
 log = logging.getLogger(__name__)
 
@@ -70,45 +71,6 @@ class TransportLimits:
     linger_s: float = 1.0
 
 
-class KeyAuthenticator(ThreadAuthenticator):
-    """ZAP handler: CURVE keys of an allow-list, User-Id = the agent name."""
-
-    def __init__(self, context: zmq.Context, on_refused: Callable[[str, str], None] | None = None) -> None:
-        super().__init__(context, log=logging.getLogger(__name__ + ".zap"))
-        self._names: dict[bytes, str] = {}
-        self._address = ""
-        self._on_refused = on_refused
-
-    def set_keys(self, keys: dict[str, str]) -> None:
-        """Replace the allow-list: ``{agent name: z85 public key}`` (atomic swap)."""
-        self._names = {key.encode("ascii"): name for name, key in keys.items()}
-
-    @property
-    def names(self) -> frozenset[str]:
-        return frozenset(self._names.values())
-
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        if len(msg) >= 4:
-            self._address = msg[3].decode("utf-8", "replace")
-        await super().handle_zap_message(msg)
-
-    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
-        z85_key = z85.encode(client_key)
-        if domain != ZAP_DOMAIN:
-            log.warning("refused connection from %s: ZAP domain %r", self._address, domain)
-            return False, b"Unknown domain"
-        if z85_key in self._names:
-            return True, b"OK"
-        key_text = z85_key.decode("ascii", "replace")
-        log.warning("refused CURVE key %s from %s: not in the allow-list", key_text, self._address)
-        if self._on_refused is not None:
-            self._on_refused(key_text, self._address)
-        return False, b"Unknown key"
-
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        return self._names.get(z85.encode(client_public_key), "")
-
-
 class Transport:
     """The ROUTER socket and everything that guards it.
 
@@ -136,7 +98,7 @@ class Transport:
         self.agents_dir = agents_dir
         self._on_event = on_event or (lambda kind, detail: None)
         self.ctx = zmq.Context()
-        self.auth: KeyAuthenticator | None = None
+        self.auth: KeyAuthenticator | None = None  # CURVE mode only (its module loads asyncio)
         self.sock: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
         self.bytes_in = 0
@@ -166,6 +128,8 @@ class Transport:
         if not self.insecure:
             if not zmq.has("curve"):
                 raise SecurityError("this libzmq has no CURVE support")
+            from fedgate.server.zap import KeyAuthenticator
+
             public, secret = load_keypair(secret_key_path)
             self.auth = KeyAuthenticator(self.ctx, on_refused=lambda key, addr: None)
             self.auth.start()
@@ -324,7 +288,7 @@ class Transport:
             try:
                 if not self.monitor.poll(0):
                     return
-                event = recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)
+                event = _monitor_event(self.monitor.recv_multipart(zmq.NOBLOCK))
             except (zmq.ZMQError, ValueError):
                 return
             kind = event.get("event")
@@ -368,6 +332,14 @@ class Transport:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _monitor_event(frames: list[bytes]) -> dict[str, Any]:
+    """A socket-monitor message: a 16-bit event id and a 32-bit value, then the peer endpoint."""
+    if len(frames) != 2 or len(frames[0]) != 6:
+        raise ValueError("not a socket-monitor message")
+    kind, value = struct.unpack("=Hi", frames[0])
+    return {"event": kind, "value": value, "endpoint": frames[1]}
 
 
 def generate_keypair(directory: str | os.PathLike[str], name: str) -> tuple[str, str]:

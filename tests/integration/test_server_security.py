@@ -49,7 +49,7 @@ def _two_in_round(agent):
 
 def test_unknown_key_is_refused_logged_and_counted(rig, caplog):
     srv, keys, agent, _ = rig
-    caplog.set_level("WARNING", logger="fedgate.server.transport")
+    caplog.set_level("WARNING", logger="fedgate.server")
     stranger = agent("gw-x")  # a fresh key pair, not in agents_dir
     stranger.send(MsgType.HELLO, {"agent": "gw-x", "software": "s", "features": ["t", "p", "v"], "n_samples": 1})
     wait_for(lambda: srv.metric(AUTH, reason="unknown_key") >= 1, what="auth failure counted")
