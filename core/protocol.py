@@ -585,34 +585,44 @@ _JSON_OUT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 class _TaskHeaders:
-    """Validated fields of recent task headers, keyed by the header with its nonce zeroed.
+    """Validated fields of recent task headers, keyed by the header with its nonce and round zeroed.
 
     The tasks of a round differ only in ``task_id`` (the server splices each nonce into
-    one header), so an agent checks a round's header once. A header is remembered only
-    when its one literal ``"task_id":"`` is the nonce itself and it holds no backslash
-    (no escaped key can repeat the field); a header that matches a remembered one in
-    every byte but a lowercase-hex nonce has the same structure and fields, so its
-    fields are the remembered ones with the new nonce (a shallow copy: nested objects are
-    shared, read-only).
+    one header), and one federation's rounds differ only in ``round``, so an agent checks
+    the header of a federation's tasks once. A header is remembered only when its one
+    literal ``"task_id":"`` is the nonce itself and it holds no backslash (no escaped key
+    can repeat the field). When the nonce is directly followed by the one literal
+    ``"round":`` and a JSON integer, that integer is blanked too (one literal: no
+    duplicate key can hide a different value). A header that matches a remembered one in
+    every byte but a lowercase-hex nonce and such a round has the same structure and
+    fields, so its fields are the remembered ones with the new nonce and round (a shallow
+    copy: nested objects are shared, read-only).
     """
 
     MAX = 8
     MARK = b'"task_id":"'
+    ROUND = b'","round":'
 
     def __init__(self) -> None:
         self._known: dict[tuple[bytes, int], dict[str, Any]] = {}
 
-    def _split(self, data: bytes) -> tuple[bytes, int] | None:
+    def _split(self, data: bytes) -> tuple[bytes, int, int | None] | None:
+        """(key, nonce offset, round or None) of a cacheable header, else None."""
         at = data.find(self.MARK)
         if at < 0 or data.find(self.MARK, at + 1) >= 0 or b"\\" in data:
             return None
         start = at + len(self.MARK)
         if _TASK_ID_BYTES_RE.match(data, start) is None:
             return None
-        return data[:start] + b"0" * 32 + data[start + 32:], start
+        key = data[:start] + b"0" * 32
+        rest = start + 32
+        m = _ROUND_BYTES_RE.match(data, rest)
+        if m is None or data.count(b'"round":') != 1:
+            return key + data[rest:], start, None
+        return key + self.ROUND + b"0" + data[m.end(1):], start, int(m.group(1))
 
     def get(self, data: bytes, n_payload: int) -> dict[str, Any] | None:
-        if not self._known or b'"type":"task"' not in data:
+        if not self._known or len(data) < 200:
             return None
         split = self._split(data)
         if split is None:
@@ -622,11 +632,15 @@ class _TaskHeaders:
             return None
         fields = dict(known)
         fields["task_id"] = data[split[1]: split[1] + 32].decode("ascii")
+        if split[2] is not None:
+            fields["round"] = split[2]
         return fields
 
     def put(self, data: bytes, n_payload: int, fields: dict[str, Any]) -> None:
         split = self._split(data)
         if split is None or fields.get("task_id") != data[split[1]: split[1] + 32].decode("ascii"):
+            return
+        if split[2] is not None and fields.get("round") != split[2]:
             return
         if len(self._known) >= self.MAX:
             self._known.clear()
@@ -634,6 +648,7 @@ class _TaskHeaders:
 
 
 _TASK_ID_BYTES_RE = re.compile(rb"[0-9a-f]{32}\"")
+_ROUND_BYTES_RE = re.compile(rb'","round":(0|[1-9][0-9]{0,14}),')  # a JSON integer below MAX_INT
 _TASKS = _TaskHeaders()
 
 

@@ -97,8 +97,8 @@ def test_bad_metrics_still_get_the_schema_error(metrics):
     assert "metrics" in str(info.value)
 
 
-def _task(tid: str, *, lr: float = 0.01, spec: dict | None = None, kind: str = "train") -> list:
-    fields = {"task_id": tid, "round": 3, "kind": kind, "deadline_s": 60.0, "spec": spec or SPEC,
+def _task(tid: str, *, lr: float = 0.01, spec: dict | None = None, kind: str = "train", rnd: int = 3) -> list:
+    fields = {"task_id": tid, "round": rnd, "kind": kind, "deadline_s": 60.0, "spec": spec or SPEC,
               "features": ["a", "b", "c"], "label": "y", "scaler": {"mean": [0.0] * 3, "std": [1.0] * 3},
               "hyper": {**HYPER, "lr": lr}, "codec": "f32", "codec_params": {}}
     return encode(MsgType.TASK, fields, b"payload" if kind != "statistics" else None)
@@ -111,6 +111,30 @@ def test_tasks_differing_in_the_nonce_decode_to_their_own_nonce():
     assert {k: v for k, v in a.fields.items() if k != "task_id"} == \
         {k: v for k, v in b.fields.items() if k != "task_id"}
     assert bytes(b.payload) == b"payload"
+
+
+def test_tasks_of_later_rounds_decode_to_their_own_round():
+    decode(_task(new_task_id(), rnd=3))
+    for rnd in (4, 10, 0, 2**53 - 1, 123456789012345):
+        tid = new_task_id()
+        got = decode(_task(tid, rnd=rnd)).fields
+        assert got["round"] == rnd and got["task_id"] == tid
+
+
+def test_a_round_out_of_range_or_not_an_integer_is_refused_after_a_remembered_task():
+    decode(_task(new_task_id(), rnd=3))
+    for bad_round in (b"9007199254740993", b"-1", b"03", b"3.5", b"1e3", b'"3"', b"true"):
+        frames = _task(new_task_id(), rnd=7)
+        frames[0] = frames[0].replace(b'"round":7,', b'"round":' + bad_round + b",")
+        with pytest.raises(MessageError):
+            decode(frames)
+
+
+def test_a_second_round_key_disables_the_round_memory():
+    spec = {**SPEC, "round": 99}  # a nested key of the same name
+    decode(_task(new_task_id(), spec=spec, rnd=3))
+    got = decode(_task(new_task_id(), spec=spec, rnd=5)).fields
+    assert got["round"] == 5 and got["spec"]["round"] == 99
 
 
 def test_a_task_differing_elsewhere_is_checked_again():
