@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 SOFTWARE = "fedgate-agent/0.1.0"
 _TICK_S = 0.25          # longest poll: bounds how late timers are noticed
+# socket flags as plain ints: pyzmq's IntFlag members cost an enum construction per operation
+_POLLIN, _EVENTS, _NOBLOCK = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.NOBLOCK)
 _STOP_WAIT_S = 30.0     # how long stop waits for a running task to store its result
 _HEAP_BLOCK_MIN = 1 << 20  # models of this many bytes or more make the heap keep their buffers (keep_blocks)
 # _WIRE_CRC: the codec's CRC-32 of a received global model is not recomputed (as the server
@@ -346,8 +348,8 @@ class Uplink:
                 self._flush_unsent()
             if sock not in events:
                 continue
-            while sock.get(zmq.EVENTS) & zmq.POLLIN:  # drain everything queued (no EAGAIN to raise)
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            while sock.get(_EVENTS) & _POLLIN:  # drain everything queued (no EAGAIN to raise)
+                frames = sock.recv_multipart(_NOBLOCK, copy=False)
                 last_rx = time.monotonic()
                 self._last_contact_ts = time.time()
                 outcome = self._dispatch(frames)
@@ -387,7 +389,7 @@ class Uplink:
         """Send a small message now or not at all (nothing is queued to a missing peer)."""
         frames = protocol.encode(msg_type, fields)
         try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, flags=_NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
             self.counters["send_blocked" if isinstance(exc, zmq.Again) else "send_errors"] += 1
             log.debug("uplink: %s not sent: %s", msg_type.value, exc)
@@ -411,7 +413,7 @@ class Uplink:
             return False
         frames = self._encoder.frames(entry)
         try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, flags=_NOBLOCK, copy=False)
         except zmq.Again:
             if all(e.task_id != entry.task_id for e in self._unsent):
                 self._unsent.append(entry)
