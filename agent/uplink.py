@@ -66,7 +66,7 @@ _TICK_S = 0.25          # longest poll: bounds how late timers are noticed
 # socket flags as plain ints: pyzmq's IntFlag members cost an enum construction per operation
 _POLLIN, _EVENTS, _NOBLOCK = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.NOBLOCK)
 _STOP_WAIT_S = 30.0     # how long stop waits for a running task to store its result
-_HEAP_BLOCK_MIN = 1 << 20  # models of this many bytes or more make the heap keep their buffers (keep_blocks)
+_HEAP_BLOCK_MIN = 128 * 1024  # models of this many bytes or more make the heap keep their buffers (keep_blocks)
 # _WIRE_CRC: the codec's CRC-32 of a received global model is not recomputed (as the server
 # does not for updates): the transport guarantees integrity (CURVE's Poly1305 tag, TCP's
 # checksum when insecure). It protects payloads at rest: outbox slot files, checkpoints.
