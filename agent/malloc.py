@@ -46,7 +46,7 @@ def tune(*, arena_max: int = 1, mmap_threshold_bytes: int = 64 * 1024,
          trim_threshold_bytes: int = 256 * 1024) -> bool:
     """Cap the heap arenas and fix the mmap/trim thresholds; True if applied.
 
-    One arena is enough: the agent's threads (asyncio loop, uplink worker) rarely
+    One arena is enough: the agent's threads (event loop, uplink thread and worker) rarely
     allocate at the same time. Blocks of at least ``mmap_threshold_bytes`` (the
     feature blocks of a training round) are mapped and unmapped on free.
     """

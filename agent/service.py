@@ -60,6 +60,7 @@ class AgentService:
         self.metrics_port: int | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the daemon's loop, set by run()
         self._reload_requested = False
         self.started_ts = time.time()
         self.counters: dict[str, int] = {"reloads_ok": 0, "reloads_failed": 0, "predictions_skipped": 0,
@@ -69,6 +70,7 @@ class AgentService:
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
         try:
             self.cfg = load_agent_config(self.config_path)
             check_keys(self.cfg)
@@ -113,11 +115,22 @@ class AgentService:
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
+    def _global_model(self, model: Any) -> None:
+        """A new global model, persisted by the trainer on the uplink's thread: the predictor
+        switches to it on the event loop, between two predictions, never during one."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # stopping: the model is persisted and is loaded at the next start
+        try:
+            loop.call_soon_threadsafe(lambda: self.predictor is not None and self.predictor.set_model(model))
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
     def _build_pipeline(self, cfg: AgentConfig) -> None:
         assert self.store is not None
         self.sampler = Sampler(cfg.samples)
         self.predictor = Predictor(cfg.predict, cfg.samples.feature_names, write=self._write_tag)
-        self.trainer = Trainer(self.store, cfg.samples, on_global_model=self.predictor.set_model)
+        self.trainer = Trainer(self.store, cfg.samples, on_global_model=self._global_model)
         try:
             stored = self.store.load_model()
         except StoreError as exc:
