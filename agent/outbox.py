@@ -15,9 +15,10 @@ Durability, precisely (WAL mode, ``synchronous=NORMAL`` on the outbox's connecti
 * Power loss or a kernel crash is covered *shortly after*: a stored result wakes a
   background thread (``outbox-harden``) that ``fdatasync``-s the slot files, the WAL
   and (when a checkpoint changed it) the database file, coalescing every write made
-  meanwhile: one pass per burst, and at most one per 0.1 s (rounds that come faster
-  share a pass), off the send path. Only results written in the last ~0.1 s before a
-  power cut can be lost; such a result was at most just sent, and the server, which
+  meanwhile: one pass right after a result, and at most one per 0.5 s (rounds that
+  come faster share a pass: each pass wakes a thread that, on a busy gateway, also
+  competes for the interpreter), off the send path. Only results written in the last
+  moments before a power cut (at most ~0.5 s when rounds come that fast) can be lost; such a result was at most just sent, and the server, which
   never counts a task twice and re-issues nothing it did not aggregate, closes the
   round without it (as for an agent that died mid-round). :meth:`Outbox.sync` hardens
   on demand and :meth:`Outbox.close` always does.
@@ -76,7 +77,7 @@ __all__ = ["Outbox", "OutboxEntry"]
 
 log = logging.getLogger(__name__)
 
-_HARDEN_SPACING_S = 0.1          # at most one background fsync pass this often (coalesces fast rounds)
+_HARDEN_SPACING_S = 0.5          # at most one background fsync pass this often (coalesces fast rounds)
 _CACHE_BYTES = 32 << 20          # payload bytes of stored entries kept in memory for get()/pending()
 
 # keyed by task id, without a rowid: a result costs one b-tree page per write
