@@ -64,13 +64,24 @@ log = logging.getLogger(__name__)
 SOFTWARE = "fedgate-agent/0.1.0"
 _TICK_S = 0.25          # longest poll: bounds how late timers are noticed
 # socket flags as plain ints: pyzmq's IntFlag members cost an enum construction per operation
-_POLLIN, _EVENTS, _NOBLOCK = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.NOBLOCK)
+_POLLIN, _EVENTS, _NOBLOCK, _SNDMORE = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _STOP_WAIT_S = 30.0     # how long stop waits for a running task to store its result
 _HEAP_BLOCK_MIN = 128 * 1024  # models of this many bytes or more make the heap keep their buffers (keep_blocks)
 # _WIRE_CRC: the codec's CRC-32 of a received global model is not recomputed (as the server
 # does not for updates): the transport guarantees integrity (CURVE's Poly1305 tag, TCP's
 # checksum when insecure). It protects payloads at rest: outbox slot files, checkpoints.
 _INLINE_MAX_S = 0.05    # a task kind whose last run took less CPU runs on the link thread (see _on_task)
+
+
+_SENT = {t: f"sent_{t.value}" for t in MsgType}          # counter names, built once
+_RECEIVED = {t: f"received_{t.value}" for t in MsgType}
+
+
+def _send(sock: zmq.Socket, frames: Sequence[Any]) -> None:
+    """Queue one message now or raise ``zmq.Again`` (its parts are queued all or none)."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, copy=False)
 
 
 class Uplink:
@@ -349,7 +360,9 @@ class Uplink:
             if sock not in events:
                 continue
             while sock.get(_EVENTS) & _POLLIN:  # drain everything queued (no EAGAIN to raise)
-                frames = sock.recv_multipart(_NOBLOCK, copy=False)
+                frames = [sock.recv(_NOBLOCK, copy=False)]
+                while frames[-1].more:  # the rest of a message is there once its first part is
+                    frames.append(sock.recv(_NOBLOCK, copy=False))
                 last_rx = time.monotonic()
                 self._last_contact_ts = time.time()
                 outcome = self._dispatch(frames)
@@ -389,7 +402,7 @@ class Uplink:
         """Send a small message now or not at all (nothing is queued to a missing peer)."""
         frames = protocol.encode(msg_type, fields)
         try:
-            sock.send_multipart(frames, flags=_NOBLOCK, copy=False)
+            _send(sock, frames)
         except zmq.ZMQError as exc:
             self.counters["send_blocked" if isinstance(exc, zmq.Again) else "send_errors"] += 1
             log.debug("uplink: %s not sent: %s", msg_type.value, exc)
@@ -399,8 +412,8 @@ class Uplink:
 
     def _count_out(self, msg_type: MsgType, frames: Sequence[Any]) -> None:
         c = self.counters
-        c[f"sent_{msg_type.value}"] += 1
-        c["bytes_out"] += sum(len(f) for f in frames)
+        c[_SENT[msg_type]] += 1
+        c["bytes_out"] += len(frames[0]) + (len(frames[1]) if len(frames) > 1 else 0)
 
     def _send_result(self, entry: OutboxEntry, *, resend: bool = False) -> bool:
         """Send a stored result on the current connection, if registered.
@@ -413,7 +426,7 @@ class Uplink:
             return False
         frames = self._encoder.frames(entry)
         try:
-            sock.send_multipart(frames, flags=_NOBLOCK, copy=False)
+            _send(sock, frames)
         except zmq.Again:
             if all(e.task_id != entry.task_id for e in self._unsent):
                 self._unsent.append(entry)
@@ -445,7 +458,7 @@ class Uplink:
 
     # ------------------------------------------------------------------ receiving
     def _dispatch(self, frames: list[zmq.Frame]) -> str:
-        self.counters["bytes_in"] += sum(len(f) for f in frames)
+        self.counters["bytes_in"] += sum(map(len, frames))
         try:
             msg = protocol.decode(frames)
         except ProtocolError as exc:
@@ -453,7 +466,7 @@ class Uplink:
             log.warning("uplink: malformed message from %s: %s", self.cfg.server, exc)
             return ""
         mt = msg.type
-        self.counters[f"received_{mt.value}"] += 1
+        self.counters[_RECEIVED[mt]] += 1
         f = msg.fields
         if not self._registered and mt not in (MsgType.WELCOME, MsgType.REFUSE, MsgType.ERROR):
             self.counters["ignored_unregistered"] += 1

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedgate.agent.outbox import Outbox, OutboxEntry
 from fedgate.agent.uplink_types import Task, TaskOutcome
-from fedgate.core import protocol
+from fedgate.core import codec, protocol
 from fedgate.core.errors import ProtocolError, TrainingError
 from fedgate.core.protocol import MsgType
 
@@ -102,8 +102,6 @@ class TopkFeedback:
 
     def state(self, round_: int, dim: int) -> Any:
         """The error-feedback state to encode the update of ``round_`` (``dim`` values) with."""
-        from fedgate.core import codec
-
         if self.ef is None or self.ef.dim != dim or self._before is None:
             if self.ef is not None:
                 log.info("uplink: top-k residual reset (model size %d -> %d)", self.ef.dim, dim)
@@ -169,8 +167,6 @@ class ResultEncoder:
         ProtocolError
             The buffer is not a valid encoding.
         """
-        from fedgate.core import codec
-
         return np.asarray(codec.decode(buf, check_crc=check_crc), dtype=np.float32)
 
     def encode_params(self, params: np.ndarray, task: Task, global_params: np.ndarray | None = None) -> bytes:
@@ -192,8 +188,6 @@ class ResultEncoder:
         TrainingError
             Bad codec parameters, or ``topk`` without (matching) global parameters.
         """
-        from fedgate.core import codec
-
         vec = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         params = task.codec_params
         if task.codec == "topk":
@@ -208,8 +202,6 @@ class ResultEncoder:
             raise TrainingError(f"task {task.task_id}: cannot encode with {task.codec} {params}: {exc}") from exc
 
     def _encode_topk(self, vec: np.ndarray, task: Task, global_params: np.ndarray | None) -> bytes:
-        from fedgate.core import codec
-
         if global_params is None:
             raise TrainingError(f"task {task.task_id}: topk encodes an update and needs the task's global params")
         ref = np.asarray(global_params, dtype=np.float32).reshape(-1)
@@ -269,9 +261,8 @@ class ResultEncoder:
             if global_params is not None and params.size != global_params.size:
                 raise TrainingError(f"train task {task.task_id}: {params.size} params returned, "
                                     f"the global model has {global_params.size}")
-            from fedgate.core import aggregate
-
-            if not aggregate.is_finite(params):  # one pass, no temporary (a model may be megabytes)
+            # NaN propagates through max and min, and an infinity is one of them: no temporary
+            if params.size and not (math.isfinite(params.max()) and math.isfinite(params.min())):
                 raise TrainingError(f"train task {task.task_id}: the new params are not finite")
             payload = self.encode_params(params, task, global_params)
         try:
