@@ -71,6 +71,8 @@ __all__ = [
     "FLAG_DELTA",
     "HEADER_SIZE",
     "MAX_DECODED_SIZE",
+    "MAX_Q8_BLOCK",
+    "TOPK_MIN_FRACTION",
     "decode",
     "encode",
     "read_header",
@@ -91,6 +93,8 @@ _CRC = struct.Struct("<I")
 MAX_DECODED_SIZE = 1 << 28
 _MAX_COUNT = (1 << 32) - 1
 _MAX_BLOCK = 1 << 20
+#: the largest q8 block (values per scale) an encoder may use and a decoder accepts
+MAX_Q8_BLOCK = _MAX_BLOCK
 #: top-k keeps at least count / 65536 values, so a small buffer cannot claim a huge vector
 TOPK_MIN_FRACTION = 1.0 / 65536
 F16_LIMIT = 65520.0  # |x| at or above this rounds to Inf in float16

@@ -170,10 +170,34 @@ def parse_config(doc: dict[str, Any], *, file: str = "<config>", base_dir: str =
         if fed.min_agents < need:
             raise ConfigError(f"{strategy.name.value} with byzantine = {strategy.byzantine} needs "
                               f"min_agents >= {need}", file=file, key="federation.min_agents", value=fed.min_agents)
+    _check_codec_params(fed, file)
     if strategy.name is StrategyName.TRIMMED_MEAN and fed.min_agents < 3 and strategy.trim_beta > 0:
         raise ConfigError("trimmed_mean needs min_agents >= 3", file=file, key="federation.min_agents",
                           value=fed.min_agents)
     return ServerConfig(server=server, federation=fed, strategy=strategy, privacy=privacy, path=file)
+
+
+def _check_codec_params(fed: FederationSection, file: str) -> None:
+    """``codec_params`` fit ``codec``: a bad one would fail every agent's train task."""
+    from fedgate.core.codec import MAX_Q8_BLOCK, TOPK_MIN_FRACTION
+
+    allowed: dict[str, dict[str, tuple[type, float, float]]] = {
+        "f32": {}, "f16": {},
+        "q8": {"block": (int, 1, MAX_Q8_BLOCK), "seed": (int, 0, 2**32 - 1)},
+        "topk": {"k": (float, TOPK_MIN_FRACTION, 1.0)},
+    }
+    rules = allowed.get(fed.codec, {})
+    for name, value in fed.codec_params.items():
+        key = f"federation.codec_params.{name}"
+        if name not in rules:
+            known = ", ".join(sorted(rules)) or "none"
+            raise ConfigError(f"not a parameter of the {fed.codec} codec (it takes: {known})", file=file, key=key,
+                              value=value)
+        kind, lo, hi = rules[name]
+        ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"must be {what} in [{lo:g}, {hi:g}]", file=file, key=key, value=value)
 
 
 def load_config(path: str | os.PathLike[str]) -> ServerConfig:

@@ -62,6 +62,30 @@ def test_errors_name_the_key(sections, key):
     assert "server.toml" in str(info.value) and key in str(info.value)
 
 
+@pytest.mark.parametrize("codec,params,name", [
+    ("topk", {"k": 0.0}, "k"),
+    ("topk", {"k": 1.5}, "k"),
+    ("topk", {"k": "0.1"}, "k"),
+    ("topk", {"block": 64}, "block"),
+    ("q8", {"block": 0}, "block"),
+    ("q8", {"block": 2.5}, "block"),
+    ("q8", {"block": True}, "block"),
+    ("q8", {"seed": -1}, "seed"),
+    ("f32", {"k": 0.1}, "k"),
+])
+def test_codec_params_that_would_fail_every_agent_are_refused_at_load(codec, params, name):
+    with pytest.raises(ConfigError) as info:
+        parse_config(_doc(federation={"codec": codec, "codec_params": params}), file="server.toml")
+    assert f"federation.codec_params.{name}" in str(info.value)
+
+
+def test_codec_params_in_range_load():
+    cfg = parse_config(_doc(federation={"codec": "topk", "codec_params": {"k": 0.01}}), file="s.toml")
+    assert cfg.federation.codec_params == {"k": 0.01}
+    cfg = parse_config(_doc(federation={"codec": "q8", "codec_params": {"block": 128, "seed": 7}}), file="s.toml")
+    assert cfg.federation.codec_params == {"block": 128, "seed": 7}
+
+
 def test_missing_section_and_file(tmp_path):
     with pytest.raises(ConfigError, match="federation"):
         parse_config({"server": BASE["server"]}, file="s.toml")
