@@ -149,9 +149,15 @@ def test_a_daemon_dying_fails_the_demo_cleanly(tmp_path: Path) -> None:
             assert proc.poll() is None, proc.communicate()[0]
             assert time.monotonic() < deadline, "the demo's agents did not start"
             time.sleep(0.2)
-        victim = next(p for p in psutil.process_iter(["pid", "cmdline"])
-                      if any("site-b/agent.toml" in part for part in (p.info["cmdline"] or []))
-                      and "run" in (p.info["cmdline"] or []))
+        victim = None
+        while victim is None:  # the database can appear before the daemon (commissioning runs first)
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the demo's agent for site-b did not start"
+            victim = next((p for p in psutil.process_iter(["pid", "cmdline"])
+                           if any("site-b/agent.toml" in part for part in (p.info["cmdline"] or []))
+                           and "run" in (p.info["cmdline"] or [])), None)
+            if victim is None:
+                time.sleep(0.1)
         victim.kill()
         out, _ = proc.communicate(timeout=60)
     finally:
