@@ -66,12 +66,12 @@ def test_errors_name_the_key(sections, key):
     ("topk", {"k": 0.0}, "k"),
     ("topk", {"k": 1.5}, "k"),
     ("topk", {"k": "0.1"}, "k"),
-    ("topk", {"block": 64}, "block"),
+    ("topk", {"blocks": 64}, "blocks"),
     ("q8", {"block": 0}, "block"),
     ("q8", {"block": 2.5}, "block"),
     ("q8", {"block": True}, "block"),
     ("q8", {"seed": -1}, "seed"),
-    ("f32", {"k": 0.1}, "k"),
+    ("f32", {"k": 2}, "k"),
 ])
 def test_codec_params_that_would_fail_every_agent_are_refused_at_load(codec, params, name):
     with pytest.raises(ConfigError) as info:
@@ -84,6 +84,8 @@ def test_codec_params_in_range_load():
     assert cfg.federation.codec_params == {"k": 0.01}
     cfg = parse_config(_doc(federation={"codec": "q8", "codec_params": {"block": 128, "seed": 7}}), file="s.toml")
     assert cfg.federation.codec_params == {"block": 128, "seed": 7}
+    # another codec's parameter is harmless (each codec reads its own)
+    assert parse_config(_doc(federation={"codec": "f32", "codec_params": {"block": 7}}), file="s.toml")
 
 
 def test_missing_section_and_file(tmp_path):
