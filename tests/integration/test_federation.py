@@ -31,6 +31,8 @@ FEATURES = [f"f{i}" for i in range(N_FEATURES)]
 class Federation:
     """One server and its agents, all real processes, in ``root``."""
 
+    n_features = N_FEATURES  # a subclass widens the model (its extra_fed then names the features)
+
     def __init__(self, root: Path, agents: list[str], *, rounds: int, min_agents: int | None = None,
                  round_timeout: str = "20s", curve: bool = True, seed_base: int = 11,
                  n_samples: int = 150, evaluate: bool = True, extra_fed: dict[str, Any] | None = None) -> None:
@@ -71,7 +73,7 @@ class Federation:
         i = self.names.index(name)
         cmd = fedtools.agent_command(
             name, server=self.endpoint, db=self.root / f"{name}.db", keys=self.keys, seed=self.seed_base + i,
-            n_samples=self.n_samples, n_features=N_FEATURES, model_out=self.root / f"{name}.model.npy",
+            n_samples=self.n_samples, n_features=self.n_features, model_out=self.root / f"{name}.model.npy",
             report=self.root / f"{name}.report.json", heartbeat="300ms", dead_after="1500ms",
             train_delay_s=train_delay_s)
         proc = fedtools.spawn(cmd, self.root / f"{name}.log")
@@ -145,18 +147,19 @@ class Federation:
         return found["ckpt"].arrays["params"].astype(np.float64)
 
     def pooled_data(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = [fedtools.agent_data(self.seed_base + i, self.n_samples, N_FEATURES) for i in range(len(self.names))]
+        parts = [fedtools.agent_data(self.seed_base + i, self.n_samples, self.n_features)
+                 for i in range(len(self.names))]
         return np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-@pytest.fixture
-def federations(tmp_path: Path) -> Iterator[Callable[..., Federation]]:
+def federation_factory(tmp_path: Path, cls: type[Federation]) -> Iterator[Callable[..., Any]]:
+    """Body of a ``federations`` fixture: makes ``cls`` rigs, then stops every process they started."""
     made: list[Federation] = []
 
     def make(name: str, agents: list[str], **kw: Any) -> Federation:
         root = tmp_path / name
         root.mkdir()
-        fed = Federation(root, agents, **kw)
+        fed = cls(root, agents, **kw)
         made.append(fed)
         return fed
 
@@ -170,6 +173,11 @@ def federations(tmp_path: Path) -> Iterator[Callable[..., Federation]]:
     leftover = [p.pid for fed in made for p in fed.all_procs if p.poll() is None]
     children = psutil.Process().children(recursive=True)
     assert not leftover and not children, f"processes left behind: {leftover} {children}"
+
+
+@pytest.fixture
+def federations(tmp_path: Path) -> Iterator[Callable[..., Federation]]:
+    yield from federation_factory(tmp_path, Federation)
 
 
 def ols_on_scaled(X: np.ndarray, y: np.ndarray) -> np.ndarray:

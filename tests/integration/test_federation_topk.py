@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 
 import fedtools
 from fedgate.core import codec
 from fedgate.core.protocol import MsgType
-from test_federation import Federation, _kill_mid_round, ols_on_scaled
+from test_federation import Federation, _kill_mid_round, federation_factory, ols_on_scaled
 from test_server_support import Agent, ServerThread, global_params, write_config  # starts pyzmq's gc thread
 
 pytestmark = pytest.mark.slow
@@ -42,44 +41,10 @@ class WideFederation(Federation):
             table["strategy"].update(strategy)
             fedtools.write_toml(self.config, table)
 
-    def start_agent(self, name: str, *, train_delay_s: float = 0.0) -> None:
-        i = self.names.index(name)
-        cmd = fedtools.agent_command(
-            name, server=self.endpoint, db=self.root / f"{name}.db", keys=self.keys, seed=self.seed_base + i,
-            n_samples=self.n_samples, n_features=self.n_features, model_out=self.root / f"{name}.model.npy",
-            report=self.root / f"{name}.report.json", heartbeat="300ms", dead_after="1500ms",
-            train_delay_s=train_delay_s)
-        proc = fedtools.spawn(cmd, self.root / f"{name}.log")
-        self.agents[name] = proc
-        self.all_procs.append(proc)
-
-    def pooled_data(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = [fedtools.agent_data(self.seed_base + i, self.n_samples, self.n_features)
-                 for i in range(len(self.names))]
-        return np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
 
 @pytest.fixture
 def federations(tmp_path: Path) -> Iterator[Callable[..., WideFederation]]:
-    made: list[WideFederation] = []
-
-    def make(name: str, agents: list[str], **kw: Any) -> WideFederation:
-        root = tmp_path / name
-        root.mkdir()
-        fed = WideFederation(root, agents, **kw)
-        made.append(fed)
-        return fed
-
-    yield make
-    for fed in made:
-        fed.shutdown()
-    for fed in made:
-        for proc in fed.all_procs:
-            if proc.poll() is None:
-                fedtools.kill9(proc)
-    leftover = [p.pid for fed in made for p in fed.all_procs if p.poll() is None]
-    children = psutil.Process().children(recursive=True)
-    assert not leftover and not children, f"processes left behind: {leftover} {children}"
+    yield from federation_factory(tmp_path, WideFederation)
 
 
 def test_topk_federation_converges_to_the_centralized_model(federations):
