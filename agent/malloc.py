@@ -7,39 +7,21 @@ the mmap threshold grows with every freed block until blocks come from the heap 
 stay resident. :func:`tune` fixes the threshold and caps the arenas;
 :func:`trim` returns free heap pages to the kernel after a task. Both are no-ops where
 the C library is not glibc. The ``MALLOC_ARENA_MAX`` / ``MALLOC_MMAP_THRESHOLD_`` /
-``MALLOC_TRIM_THRESHOLD_`` environment variables, when set, win over :func:`tune`.
+``MALLOC_TRIM_THRESHOLD_`` environment variables, when set, win over :func:`tune`
+(the mechanism is :mod:`fedgate.core.heap`; this module holds the agent's values).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import os
-from typing import Any
+
+from fedgate.core import heap
+from fedgate.core.heap import trim
 
 __all__ = ["tune", "trim", "keep_blocks"]
 
 log = logging.getLogger(__name__)
 
-# mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-
-_libc: Any = None
 _kept = 0  # the largest block size keep_blocks has made room for
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
-
-
-def _glibc() -> Any:
-    global _libc
-    if _libc is None:
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc = lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else False
-        except OSError:
-            _libc = False
-    return _libc or None
 
 
 def tune(*, arena_max: int = 1, mmap_threshold_bytes: int = 64 * 1024,
@@ -50,23 +32,11 @@ def tune(*, arena_max: int = 1, mmap_threshold_bytes: int = 64 * 1024,
     allocate at the same time. Blocks of at least ``mmap_threshold_bytes`` (the
     feature blocks of a training round) are mapped and unmapped on free.
     """
-    libc = _glibc()
-    if libc is None:
-        return False
-    settings = ((_M_ARENA_MAX, arena_max, "MALLOC_ARENA_MAX"),
-                (_M_MMAP_THRESHOLD, mmap_threshold_bytes, "MALLOC_MMAP_THRESHOLD_"),
-                (_M_TRIM_THRESHOLD, trim_threshold_bytes, "MALLOC_TRIM_THRESHOLD_"))
-    for param, value, env in settings:
-        if env not in os.environ and not libc.mallopt(param, int(value)):
-            log.debug("mallopt(%d, %d) refused", param, value)
-    return True
-
-
-def trim() -> None:
-    """Give free heap memory back to the kernel (after a training task)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    ok = heap.apply({heap.M_ARENA_MAX: arena_max, heap.M_MMAP_THRESHOLD: mmap_threshold_bytes,
+                     heap.M_TRIM_THRESHOLD: trim_threshold_bytes})
+    if ok is False:
+        log.debug("mallopt refused a heap setting")
+    return ok is not None
 
 
 def keep_blocks(nbytes: int) -> bool:
@@ -81,16 +51,13 @@ def keep_blocks(nbytes: int) -> bool:
     raises the thresholds, never lowers them.
     """
     global _kept
-    libc = _glibc()
-    want = min(_MMAP_THRESHOLD_MAX, int(nbytes) + 4096)
-    if libc is None or want <= _kept:
+    want = min(heap.MMAP_THRESHOLD_MAX, int(nbytes) + 4096)
+    if want <= _kept:
+        return False
+    ok = heap.apply({heap.M_MMAP_THRESHOLD: want, heap.M_TRIM_THRESHOLD: 4 * want})
+    if ok is None:
         return False
     _kept = want
-    ok = True
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, want)) and ok
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, 4 * want)) and ok
     if not ok:
         log.debug("mallopt refused the thresholds for %d-byte blocks", want)
     return ok

@@ -8,43 +8,28 @@ pages in again (each 4 MiB frame costs about a thousand page faults). :func:`tun
 fixes both thresholds so those buffers come from the heap and stay resident between
 rounds: the peak RSS is the same (it is reached within a round anyway), the page faults
 are gone. A no-op where the C library is not glibc; the ``MALLOC_MMAP_THRESHOLD_`` /
-``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_ARENA_MAX`` environment variables, when set, win.
+``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_ARENA_MAX`` environment variables, when set, win
+(the mechanism is :mod:`fedgate.core.heap`; this module holds the server's values).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import os
+
+from fedgate.core import heap
 
 __all__ = ["tune"]
 
 log = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's upper bound on 64-bit
 
-
-def tune(*, mmap_threshold_bytes: int = _MMAP_THRESHOLD_MAX, trim_threshold_bytes: int = 256 * 2**20,
+def tune(*, mmap_threshold_bytes: int = heap.MMAP_THRESHOLD_MAX, trim_threshold_bytes: int = 256 * 2**20,
          arena_max: int = 1) -> bool:
     """Serve blocks below ``mmap_threshold_bytes`` from the heap, keep up to
     ``trim_threshold_bytes`` of free heap resident, and use ``arena_max`` heap arenas
     (one: a frame the I/O thread receives reuses the memory the round loop freed, so the
     peak is that of the sum, not the sum of per-thread peaks); True if applied."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-        return False
-    applied = True
-    for param, value, env in ((_M_MMAP_THRESHOLD, min(mmap_threshold_bytes, _MMAP_THRESHOLD_MAX),
-                               "MALLOC_MMAP_THRESHOLD_"),
-                              (_M_TRIM_THRESHOLD, trim_threshold_bytes, "MALLOC_TRIM_THRESHOLD_"),
-                              (_M_ARENA_MAX, arena_max, "MALLOC_ARENA_MAX")):
-        if env not in os.environ and not libc.mallopt(param, int(value)):
-            log.debug("mallopt(%d, %d) refused", param, value)
-            applied = False
-    return applied
+    ok = heap.apply({heap.M_MMAP_THRESHOLD: min(mmap_threshold_bytes, heap.MMAP_THRESHOLD_MAX),
+                     heap.M_TRIM_THRESHOLD: trim_threshold_bytes, heap.M_ARENA_MAX: arena_max})
+    if ok is False:
+        log.debug("mallopt refused a heap setting")
+    return bool(ok)
