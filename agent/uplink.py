@@ -389,10 +389,13 @@ class Uplink:
     def _hello_fields(self) -> dict[str, Any]:
         info: HelloInfo = self.handler.hello_info()
         # task_models: this agent takes the global model from its tasks' params (see TaskModels),
-        # so the server need not send it a separate ``model`` when a task carries it
+        # so the server need not send it a separate ``model`` when a task carries it;
+        # quiet_acks: it keeps every result until ``committed`` anyway, so an ack that only
+        # says "accepted" is not needed (refusals and duplicates are still acked);
+        # task_commits: a commit notice may come in the next task's ``committed`` field
         fields: dict[str, Any] = {"agent": self.agent_name, "software": self.software,
                                   "features": list(info.features), "n_samples": int(info.n_samples),
-                                  "task_models": 1}
+                                  "task_models": 1, "quiet_acks": 1, "task_commits": 1}
         if self._last_committed is not None:
             fields["last_round"] = self._last_committed
         return fields
@@ -511,6 +514,9 @@ class Uplink:
         return "welcome"
 
     def _on_task(self, f: dict[str, Any], payload: memoryview | None) -> None:
+        committed = f.get("committed")
+        if committed is not None:  # a commit notice riding on the task (task_commits): first
+            self._on_committed(committed)
         task = Task.from_fields(f)
         self._last_round = task.round if self._last_round is None else max(self._last_round, task.round)
         if task.task_id in self._running:

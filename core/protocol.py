@@ -346,6 +346,8 @@ _SCHEMA: dict[MsgType, dict[str, tuple[Checker, bool]]] = {
         "n_samples": (_int(), True),
         "last_round": (_int(), False),
         "task_models": (_int(0, 1), False),
+        "quiet_acks": (_int(0, 1), False),
+        "task_commits": (_int(0, 1), False),
     },
     MsgType.RESULT: {
         "agent": (_AGENT, True),
@@ -378,6 +380,7 @@ _SCHEMA: dict[MsgType, dict[str, tuple[Checker, bool]]] = {
     MsgType.TASK: {
         "task_id": (_TASK_ID, True),
         "round": (_ROUND, True),
+        "committed": (_ROUND, False),
         "kind": (_choice(TaskKind), True),
         "deadline_s": (_float(0.0, 7 * 86400.0, lo_open=True), True),
         "spec": (_table, True),
@@ -593,21 +596,23 @@ class _TaskHeaders:
     literal ``"task_id":"`` is the nonce itself and it holds no backslash (no escaped key
     can repeat the field). When the nonce is directly followed by the one literal
     ``"round":`` and a JSON integer, that integer is blanked too (one literal: no
-    duplicate key can hide a different value). A header that matches a remembered one in
-    every byte but a lowercase-hex nonce and such a round has the same structure and
-    fields, so its fields are the remembered ones with the new nonce and round (a shallow
-    copy: nested objects are shared, read-only).
+    duplicate key can hide a different value); likewise a ``"committed":`` integer right
+    after that round. A header that matches a remembered one in every byte but a
+    lowercase-hex nonce and such round numbers has the same structure and fields, so its
+    fields are the remembered ones with the new nonce and numbers (a shallow copy: nested
+    objects are shared, read-only).
     """
 
     MAX = 8
     MARK = b'"task_id":"'
     ROUND = b'","round":'
+    COMMITTED = b'"committed":'
 
     def __init__(self) -> None:
         self._known: dict[tuple[bytes, int], dict[str, Any]] = {}
 
-    def _split(self, data: bytes) -> tuple[bytes, int, int | None] | None:
-        """(key, nonce offset, round or None) of a cacheable header, else None."""
+    def _split(self, data: bytes) -> tuple[bytes, int, int | None, int | None] | None:
+        """(key, nonce offset, round or None, committed or None) of a cacheable header, else None."""
         at = data.find(self.MARK)
         if at < 0 or data.find(self.MARK, at + 1) >= 0 or b"\\" in data:
             return None
@@ -618,8 +623,12 @@ class _TaskHeaders:
         rest = start + 32
         m = _ROUND_BYTES_RE.match(data, rest)
         if m is None or data.count(b'"round":') != 1:
-            return key + data[rest:], start, None
-        return key + self.ROUND + b"0" + data[m.end(1):], start, int(m.group(1))
+            return key + data[rest:], start, None, None
+        c = _COMMITTED_BYTES_RE.match(data, m.end())
+        if c is None or data.count(b'"committed":') != 1:
+            return key + self.ROUND + b"0" + data[m.end(1):], start, int(m.group(1)), None
+        return (key + self.ROUND + b"0," + self.COMMITTED + b"0" + data[c.end(1):], start, int(m.group(1)),
+                int(c.group(1)))
 
     def get(self, data: bytes, n_payload: int) -> dict[str, Any] | None:
         if not self._known or len(data) < 200:
@@ -634,6 +643,8 @@ class _TaskHeaders:
         fields["task_id"] = data[split[1]: split[1] + 32].decode("ascii")
         if split[2] is not None:
             fields["round"] = split[2]
+        if split[3] is not None:
+            fields["committed"] = split[3]
         return fields
 
     def put(self, data: bytes, n_payload: int, fields: dict[str, Any]) -> None:
@@ -642,6 +653,8 @@ class _TaskHeaders:
             return
         if split[2] is not None and fields.get("round") != split[2]:
             return
+        if split[3] is not None and fields.get("committed") != split[3]:
+            return
         if len(self._known) >= self.MAX:
             self._known.clear()
         self._known[(split[0], n_payload > 0)] = dict(fields)
@@ -649,6 +662,7 @@ class _TaskHeaders:
 
 _TASK_ID_BYTES_RE = re.compile(rb"[0-9a-f]{32}\"")
 _ROUND_BYTES_RE = re.compile(rb'","round":(0|[1-9][0-9]{0,14}),')  # a JSON integer below MAX_INT
+_COMMITTED_BYTES_RE = re.compile(rb'"committed":(0|[1-9][0-9]{0,14}),')
 _TASKS = _TaskHeaders()
 
 

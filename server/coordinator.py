@@ -48,6 +48,7 @@ Send = Callable[[bytes, list[Any]], bool]
 _TID_MARK = b'"task_id":"' + b"0" * 32 + b'"'
 _ROUND_MARK = b'"round":0,'
 _HEARTBEAT = encode(MsgType.HEARTBEAT, {})
+_COMMIT_HOLD_S = 1.0  # longest a commit notice waits for the agent's next task (see _broadcast)
 # ack headers are built by splicing the (validated, hex) nonce into a fixed template
 _ACK_HEAD = b'{"v":1,"type":"ack","task_id":"'
 _ACK_TAIL = {status: f'","status":"{status}"}}'.encode() for status in ("accepted", "duplicate")}
@@ -124,6 +125,11 @@ class Coordinator:
         self.open: OpenRound | None = None
         self.eval_seen: set[str] = set()
         self.task_models: set[str] = set()   # agents that take the global model from their tasks (hello)
+        self.quiet_acks: set[str] = set()    # agents that want no ack for an accepted result (hello)
+        self.task_commits: set[str] = set()  # agents that take commit notices in their tasks (hello)
+        self.durable = -1                    # last round whose checkpoint is on disk (announced)
+        self._owed: dict[str, float] = {}    # agent -> since when it is owed a commit notice
+        self._owed_since = math.inf          # the oldest of those times
         self.eval_rows: list[tuple[str, int, str, int, dict[str, float]]] = []
         self.fatal: StoreError | None = None
         self.writer = CheckpointWriter(checkpoints)
@@ -287,10 +293,13 @@ class Coordinator:
                            + ", ".join(missing)}))
             return
         self.registry.register(name, rid, software=f["software"], n_samples=f["n_samples"], now=now)
-        if f.get("task_models"):
-            self.task_models.add(name)
-        else:
-            self.task_models.discard(name)
+        for flag, members in (("task_models", self.task_models), ("quiet_acks", self.quiet_acks),
+                              ("task_commits", self.task_commits)):
+            if f.get(flag):
+                members.add(name)
+            else:
+                members.discard(name)
+        owed = self._owed.pop(name, None) is not None
         self.history.upsert_agent(name, software=f["software"], n_samples=f["n_samples"], state="ready")
         self.metrics.agents_connected.set(self.registry.n_alive())
         log.info("agent %s registered (%s, %d samples)", name, f["software"], f["n_samples"])
@@ -300,11 +309,13 @@ class Coordinator:
             "spec": self.model.spec, "features": list(self.fed.features), "label": self.fed.label}))
         if self.have_model:
             self.send(rid, self._model_frames)
+        if owed:  # a notice held back for the previous connection
+            self.send(rid, encode(MsgType.COMMITTED, {"round": self.durable}))
         op = self.open
         if op is not None:  # re-send its pending task of the open round (same nonce)
             for tid, agent in op.tasks.items():
                 if agent == name and tid not in op.done:
-                    self._send_task(op, tid, rid)
+                    self._send_task(op, tid, rid, name=name)
 
     # ---------------------------------------------------------------- results
     def _on_result(self, rid: bytes, name: str, msg: Message, now: float) -> None:
@@ -314,7 +325,8 @@ class Coordinator:
         try:
             if f["kind"] == TaskKind.EVALUATE:  # a str enum: compares as its value
                 self._on_evaluation(name, f)
-                self._ack(rid, tid, "accepted")
+                if name not in self.quiet_acks:
+                    self._ack(rid, tid, "accepted")
                 return
             if op is None or tid not in op.tasks:
                 row = self.history.task(tid)
@@ -349,7 +361,8 @@ class Coordinator:
         n = f["n_samples"]
         op.rows.append((tid, name, n, f["metrics"]))
         op.metrics.add(f["metrics"], n)
-        self._ack(rid, tid, "accepted")
+        if name not in self.quiet_acks:  # such an agent keeps the result until committed either way
+            self._ack(rid, tid, "accepted")
         if len(op.done) == len(op.tasks):
             self._close(now)
 
@@ -413,6 +426,8 @@ class Coordinator:
         """Deadlines, dead agents, starting rounds; call often (every loop turn)."""
         self._finish_commit(block=False)
         now = self.clock()
+        if now - self._owed_since > _COMMIT_HOLD_S:  # no task came to carry them
+            self._pay_owed(set())
         for name in self.registry.expire(now, self.cfg.server.dead_after_s):
             self.metrics.dead_agents.inc()
             log.warning("agent %s silent for more than %.0fs: marked dead", name, self.cfg.server.dead_after_s)
@@ -457,7 +472,7 @@ class Coordinator:
         for tid, name in tasks.items():
             agent = self.registry.get(name)
             if agent is not None:
-                self._send_task(op, tid, agent.routing_id)
+                self._send_task(op, tid, agent.routing_id, name=name)
 
     def _prepare_round(self, op: OpenRound) -> None:
         if op.kind is TaskKind.TRAIN:
@@ -488,13 +503,24 @@ class Coordinator:
         }
         payload = self._payload if kind is not TaskKind.STATISTICS else None
         header = encode(MsgType.TASK, fields, payload)[0]
-        assert isinstance(header, bytes) and header.count(_TID_MARK) == 1
+        assert isinstance(header, bytes) and header.count(_TID_MARK + b',"round":%d,' % rnd) == 1
         return header
 
-    def _send_task(self, op: OpenRound, tid: str, rid: bytes, header: bytes | None = None) -> None:
-        head = (header or op.header).replace(_TID_MARK, b'"task_id":"' + tid.encode("ascii") + b'"', 1)
+    def _send_task(self, op: OpenRound, tid: str, rid: bytes, header: bytes | None = None, *,
+                   name: str | None = None) -> None:
+        """Send one task; an agent owed a commit notice gets it in the task's ``committed``."""
+        nonce = b'"task_id":"' + tid.encode("ascii") + b'"'
+        owed = name is not None and name in self._owed
+        if owed:
+            mark = _TID_MARK + b',"round":%d,' % op.round
+            head = (header or op.header).replace(mark, nonce + b',"round":%d,"committed":%d,'
+                                                 % (op.round, self.durable), 1)
+        else:
+            head = (header or op.header).replace(_TID_MARK, nonce, 1)
         frames: list[Any] = [head] if op.kind is TaskKind.STATISTICS else [head, self._payload]
         sent = self.send(rid, frames)
+        if sent and owed:
+            del self._owed[name]  # type: ignore[arg-type]
         agent = op.tasks.get(tid)
         if agent is not None:  # a task of the open round (evaluate tasks are not retried)
             if sent:
@@ -509,7 +535,7 @@ class Coordinator:
             if tid in op.done or agent is None:
                 op.unsent.pop(tid, None)
                 continue
-            self._send_task(op, tid, agent.routing_id)
+            self._send_task(op, tid, agent.routing_id, name=name)
 
     def _deadline(self, op: OpenRound, now: float) -> None:
         if op.accepted >= self.fed.min_agents:
@@ -559,6 +585,9 @@ class Coordinator:
             self._finish_commit(block=True)
         self.writer.submit(self._make_checkpoint(phase), op)
         self._maybe_start(self.clock())
+        if self._owed:  # notices no task of the new round carried: they go now
+            nxt = self.open
+            self._pay_owed(set() if nxt is None else set(nxt.tasks.values()))
 
     def _finish_commit(self, block: bool) -> None:
         """Announce each committed round whose checkpoint is on disk (``block``: wait for all).
@@ -590,6 +619,7 @@ class Coordinator:
     def close(self) -> None:
         """Finish (and announce) checkpoints being written; called when the daemon stops."""
         self._finish_commit(block=True)
+        self._pay_owed(set())
         self.writer.close()
 
     def _record(self, op: OpenRound, epsilon: float | None) -> None:
@@ -633,10 +663,32 @@ class Coordinator:
         return "train"
 
     def _broadcast(self, op: OpenRound) -> None:
-        committed = encode(MsgType.COMMITTED, {"round": op.round})
+        """Announce a durable round: ``committed``, the new model, evaluate tasks.
+
+        An agent that said ``task_commits`` and will get a task soon (it has one in the
+        open round, so its next one follows when that round closes; or an evaluate task
+        goes out now) is told in that task's ``committed`` field instead of a message of
+        its own: one wake-up less per round for each agent. Such a notice waits at most
+        ``_COMMIT_HOLD_S``, or until the round closes without a new task for the agent.
+        """
+        self.durable = max(self.durable, op.round)
+        committed = encode(MsgType.COMMITTED, {"round": self.durable})
         alive = self.registry.alive()
+        soon: set[str] = set()
+        if op.kind is TaskKind.TRAIN and self.fed.evaluate:
+            soon = {a.name for a in alive}
+        elif self.open is not None:
+            soon = set(self.open.tasks.values())
+        soon &= self.task_commits
+        now = self.clock()
         for agent in alive:
-            self.send(agent.routing_id, committed)
+            if agent.name in soon:
+                if not self._owed:
+                    self._owed_since = now
+                self._owed.setdefault(agent.name, now)
+            else:
+                self._owed.pop(agent.name, None)
+                self.send(agent.routing_id, committed)
         if op.kind is not TaskKind.TRAIN:
             return
         self._publish_model(op, alive)
@@ -647,7 +699,21 @@ class Coordinator:
             header = self._task_header(op.round, TaskKind.EVALUATE)
             ev = OpenRound(op.round, TaskKind.EVALUATE, {}, op.started, op.deadline)
             for tid, a in tasks.items():
-                self._send_task(ev, tid, a.routing_id, header)
+                self._send_task(ev, tid, a.routing_id, header, name=a.name)
+        if self._owed:  # e.g. an agent that was not alive to take its evaluate task
+            self._pay_owed(set(self.open.tasks.values()) if self.open is not None else set())
+
+    def _pay_owed(self, keep: set[str]) -> None:
+        """Send the commit notices still owed, as messages of their own, except to ``keep``."""
+        if not self._owed:
+            return
+        committed = encode(MsgType.COMMITTED, {"round": self.durable})
+        for name in [n for n in self._owed if n not in keep]:
+            del self._owed[name]
+            agent = self.registry.get(name)
+            if agent is not None and agent.alive:
+                self.send(agent.routing_id, committed)
+        self._owed_since = min(self._owed.values(), default=math.inf)
 
     def _publish_model(self, op: OpenRound, alive: list[Any]) -> None:
         """Send ``model`` to the live agents that do not get this round's model with a task.

@@ -454,6 +454,41 @@ def test_model_carried_by_tasks_reaches_the_handler_once_its_round_is_committed(
     assert uplink.counters["models_from_tasks"] == 2
 
 
+def test_a_commit_notice_carried_by_a_task_drops_results_and_hands_over_the_model(tmp_path):
+    """task_commits: round r's notice comes in the task of round r + 2; it acts before that task runs."""
+    from fedgate.core import codec
+
+    class Trainer(Handler):
+        def run_task(self, task: Task, global_params: np.ndarray | None) -> TaskOutcome:
+            return TaskOutcome(n_samples=10, metrics={}, params=global_params + 1)
+
+    handler = Trainer()
+
+    async def scenario(server: ScriptedServer, uplink: Uplink) -> None:
+        rid, hello = await server.recv()
+        assert hello.fields["quiet_acks"] == 1 and hello.fields["task_commits"] == 1
+        await server.welcome(rid)
+        for rnd in (1, 2, 3):  # no ack, no committed message: only tasks, the last two carry notices
+            fields = task_fields(rnd, "train")
+            if rnd >= 2:
+                fields["committed"] = rnd - 1
+            await server.send(rid, MsgType.TASK, fields,
+                              payload=codec.encode(np.full(3, float(rnd - 1), dtype=np.float32), "f32"))
+            _, msg = await server.recv()
+            assert msg.type is MsgType.RESULT and msg.fields["round"] == rnd
+            st = uplink.status()
+            assert st["outbox"] == 1  # this round's result; round rnd - 1's went with the notice
+            assert st["last_committed_round"] == (None if rnd == 1 else rnd - 1)
+        await server.send(rid, MsgType.COMMITTED, {"round": 3})
+        await _until(lambda: uplink.status()["outbox"] == 0)
+
+    uplink = run_scenario(None, tmp_path / "s.db", scenario, handler=handler)
+    # the train task of round r carries model r - 1: handed over once round r - 1 is committed
+    assert [m.round for m in handler.models] == [1, 2]
+    np.testing.assert_array_equal(handler.models[-1].params, np.full(3, 2.0, dtype=np.float32))
+    assert uplink.counters["outbox_dropped_committed"] == 3
+
+
 def test_failing_handler_is_counted_and_the_link_stays(tmp_path, caplog):
     class Broken(Handler):
         def run_task(self, task, global_params):

@@ -97,8 +97,9 @@ def test_bad_metrics_still_get_the_schema_error(metrics):
     assert "metrics" in str(info.value)
 
 
-def _task(tid: str, *, lr: float = 0.01, spec: dict | None = None, kind: str = "train", rnd: int = 3) -> list:
-    fields = {"task_id": tid, "round": rnd, "kind": kind, "deadline_s": 60.0, "spec": spec or SPEC,
+def _task(tid: str, *, lr: float = 0.01, spec: dict | None = None, kind: str = "train", rnd: int = 3,
+          committed: int | None = None) -> list:
+    fields = {"task_id": tid, "round": rnd, **({} if committed is None else {"committed": committed}), "kind": kind, "deadline_s": 60.0, "spec": spec or SPEC,
               "features": ["a", "b", "c"], "label": "y", "scaler": {"mean": [0.0] * 3, "std": [1.0] * 3},
               "hyper": {**HYPER, "lr": lr}, "codec": "f32", "codec_params": {}}
     return encode(MsgType.TASK, fields, b"payload" if kind != "statistics" else None)
@@ -128,6 +129,31 @@ def test_a_round_out_of_range_or_not_an_integer_is_refused_after_a_remembered_ta
         frames[0] = frames[0].replace(b'"round":7,', b'"round":' + bad_round + b",")
         with pytest.raises(MessageError):
             decode(frames)
+
+
+def test_tasks_carrying_commit_notices_decode_to_their_own_committed_round():
+    decode(_task(new_task_id(), rnd=3, committed=1))
+    for rnd, committed in ((4, 2), (9, 8), (10, 0), (12, 123456789012345), (13, None), (14, 12)):
+        tid = new_task_id()
+        got = decode(_task(tid, rnd=rnd, committed=committed)).fields
+        assert got["round"] == rnd and got["task_id"] == tid
+        assert got.get("committed") == committed
+
+
+def test_a_bad_committed_round_is_refused_after_a_remembered_task():
+    decode(_task(new_task_id(), rnd=3, committed=2))
+    for bad in (b"9007199254740993", b"-1", b"02", b"2.5", b'"2"', b"true"):
+        frames = _task(new_task_id(), rnd=7, committed=5)
+        frames[0] = frames[0].replace(b'"committed":5,', b'"committed":' + bad + b",")
+        with pytest.raises(MessageError):
+            decode(frames)
+
+
+def test_a_second_committed_key_disables_the_memory_of_it():
+    spec = {**SPEC, "committed": 99}
+    decode(_task(new_task_id(), spec=spec, rnd=3, committed=1))
+    got = decode(_task(new_task_id(), spec=spec, rnd=5, committed=4)).fields
+    assert got["committed"] == 4 and got["spec"]["committed"] == 99
 
 
 def test_a_second_round_key_disables_the_round_memory():
