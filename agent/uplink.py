@@ -71,6 +71,7 @@ _HEAP_BLOCK_MIN = 128 * 1024  # models of this many bytes or more make the heap 
 # does not for updates): the transport guarantees integrity (CURVE's Poly1305 tag, TCP's
 # checksum when insecure). It protects payloads at rest: outbox slot files, checkpoints.
 _INLINE_MAX_S = 0.05    # a task kind whose last run took less CPU runs on the link thread (see _on_task)
+_INF = float("inf")
 
 
 _SENT = {t: f"sent_{t.value}" for t in MsgType}          # counter names, built once
@@ -140,6 +141,7 @@ class Uplink:
         self._sock: zmq.Socket | None = None
         self._stop_requested = False
         self._executor: ThreadPoolExecutor | None = None
+        self._inline_max_s = _INLINE_MAX_S  # (set per session from the heartbeat)
         self._wake_r, self._wake_w = os.pipe()  # stop() and finished tasks wake the poll loop
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -325,10 +327,12 @@ class Uplink:
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         wake_r = self._wake_r
+        dead_after, heartbeat = self._dead_after_s(), self._heartbeat_s()  # (change with a welcome)
+        self._inline_max_s = min(_INLINE_MAX_S, heartbeat / 20)
         while not self._stop_requested:
             now = time.monotonic()
             if not self._registered:
-                if welcomed and now - last_rx > self._dead_after_s():
+                if welcomed and now - last_rx > dead_after:
                     return self._dead(now - last_rx), False
                 if not welcomed and now - started > self.cfg.hello_timeout_s:
                     self.counters["hello_timeouts"] += 1
@@ -337,13 +341,13 @@ class Uplink:
                 if now >= next_hello:
                     hello = hello or self._hello_fields()
                     sent = self._send_small(sock, MsgType.HELLO, hello)
-                    next_hello = now + (max(1.0, self._heartbeat_s()) if sent else 0.02)
+                    next_hello = now + (max(1.0, heartbeat) if sent else 0.02)
             else:
-                if now - last_rx > self._dead_after_s():
+                if now - last_rx > dead_after:
                     return self._dead(now - last_rx), False
                 if now >= next_hb:
                     self._send_small(sock, MsgType.HEARTBEAT, {"agent": self.agent_name})
-                    next_hb = now + self._heartbeat_s()
+                    next_hb = now + heartbeat
             due = next_hb if self._registered else next_hello
             timeout_s = min(_TICK_S, max(0.0, due - now))
             if self._unsent:
@@ -366,9 +370,13 @@ class Uplink:
                 last_rx = time.monotonic()
                 self._last_contact_ts = time.time()
                 outcome = self._dispatch(frames)
-                if outcome == "welcome":
+                if not outcome:
+                    pass
+                elif outcome == "welcome":
                     welcomed = True
-                    next_hb = time.monotonic() + self._heartbeat_s()
+                    dead_after, heartbeat = self._dead_after_s(), self._heartbeat_s()
+                    self._inline_max_s = min(_INLINE_MAX_S, heartbeat / 20)
+                    next_hb = time.monotonic() + heartbeat
                 elif outcome == "refuse":
                     return welcomed, True
                 elif outcome == "reregister":
@@ -534,18 +542,17 @@ class Uplink:
             if got is not None:  # its round is committed: hand the model over now, decoded once for both
                 decoded = self._deliver_model(*got, from_task=True)
         # the memoryview keeps its zmq frame alive; no copy of the global params here
-        if self._work_s.get(task.kind, float("inf")) < min(_INLINE_MAX_S, self._heartbeat_s() / 20):
+        if self._work_s.get(task.kind, _INF) < self._inline_max_s:
             # this kind of task has proven short: run it here, without two thread hand-offs
             # (a task that turns out long only delays this link's next receive, by far less
             # than the server's dead-agent time; its duration sends the next one to the worker)
-            fut: Future[OutboxEntry] = Future()
-            try:
-                fut.set_result(self._work(task, payload, decoded))
-            except Exception as exc:  # noqa: BLE001 - counted and logged by _collect_done
-                fut.set_exception(exc)
             self.counters["tasks_inline"] += 1
-            self._done.append((task, fut))
-            self._collect_done()
+            try:
+                entry = self._work(task, payload, decoded)
+            except Exception as exc:  # the handler's failure must not end the uplink
+                self._task_failed(task, exc)
+                return
+            self._task_done(entry)
             return
         assert self._executor is not None
         fut = self._executor.submit(self._work, task, payload, decoded)
@@ -564,12 +571,18 @@ class Uplink:
             try:
                 entry = fut.result()
             except Exception as exc:  # the handler's failure must not end the uplink
-                self.counters["tasks_failed"] += 1
-                log.error("uplink: %s task %s of round %d failed: %s", task.kind, task.task_id, task.round, exc)
+                self._task_failed(task, exc)
                 continue
-            self.counters["tasks_done"] += 1
-            self._outbox_count += 1
-            self._send_result(entry)
+            self._task_done(entry)
+
+    def _task_done(self, entry: OutboxEntry) -> None:
+        self.counters["tasks_done"] += 1
+        self._outbox_count += 1
+        self._send_result(entry)
+
+    def _task_failed(self, task: Task, exc: Exception) -> None:
+        self.counters["tasks_failed"] += 1
+        log.error("uplink: %s task %s of round %d failed: %s", task.kind, task.task_id, task.round, exc)
 
     def _work(self, task: Task, payload: memoryview | None, decoded: np.ndarray | None = None) -> OutboxEntry:
         """Worker thread: decode the global params, run the handler, encode and store."""
