@@ -4,10 +4,15 @@ Uses :class:`fedgate.core.model.ModelSpec` / ``Model`` for validation, size and 
 seeded initial parameters when that module is available; otherwise a validated
 dict with the same layout rules (one flat float32 vector: each layer's weights
 then its biases).
+
+The initial vector is built from the spec and the seed when asked for, not kept: the
+server takes it once at start, and a model-sized copy held for the daemon's lifetime
+would only add to its resident set.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,11 +38,16 @@ class FederationModel:
 
     spec: dict[str, Any]
     n_params: int
-    _initial: np.ndarray
+    _build: Callable[[], np.ndarray] = field(repr=False, compare=False)
 
     def initial_params(self) -> np.ndarray:
-        """A fresh copy of the seeded initial parameters, float32 of shape (D,)."""
-        return self._initial.copy()
+        """The seeded initial parameters, float32 of shape (D,): a new array, built from the
+        spec and the seed at each call (the same values every time)."""
+        params = self._build()
+        if params.shape != (self.n_params,):  # the builders below keep to the spec's size
+            raise ConfigError(f"the initial parameters have shape {params.shape}, expected ({self.n_params},)",
+                              key="federation.model", value=self.spec)
+        return params
 
 
 def _layer_dims(spec: dict[str, Any], file: str | None) -> list[int]:
@@ -68,7 +78,7 @@ def _layer_dims(spec: dict[str, Any], file: str | None) -> list[int]:
 
 
 def load_model_spec(table: dict[str, Any], *, seed: int = 0, file: str | None = None) -> FederationModel:
-    """Validate the ``[federation.model]`` table and build the initial parameters."""
+    """Validate the ``[federation.model]`` table; the initial parameters are built when asked for."""
     try:
         from fedgate.core.model import Model, ModelSpec  # noqa: PLC0415 - optional until the model lands
     except ImportError:
@@ -78,18 +88,24 @@ def load_model_spec(table: dict[str, Any], *, seed: int = 0, file: str | None = 
             spec = ModelSpec.from_dict(dict(table))
         except ConfigError as exc:
             raise ConfigError(f"invalid model spec: {exc}", file=file, key="federation.model", value=table) from exc
-        model = Model(spec, seed=seed)
-        params = np.ascontiguousarray(model.params, dtype=np.float32).copy()
-        return FederationModel(spec.to_dict(), int(params.size), params)
+        model_cls = Model
+
+        def build_model() -> np.ndarray:
+            return np.ascontiguousarray(model_cls(spec, seed=seed).params, dtype=np.float32)
+
+        return FederationModel(spec.to_dict(), int(spec.n_params), build_model)
     spec_dict = dict(table)
     dims = _layer_dims(spec_dict, file)
-    rng = np.random.default_rng(seed)
-    parts = []
-    for a, b in zip(dims[:-1], dims[1:]):
-        if len(dims) > 2:
-            parts.append((rng.standard_normal(a * b) * np.sqrt(2.0 / a)).astype(np.float32))
-        else:
-            parts.append(np.zeros(a * b, dtype=np.float32))
-        parts.append(np.zeros(b, dtype=np.float32))
-    params = np.concatenate(parts).astype(np.float32)
-    return FederationModel(spec_dict, int(params.size), params)
+
+    def build_layers() -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        parts = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            if len(dims) > 2:
+                parts.append((rng.standard_normal(a * b) * np.sqrt(2.0 / a)).astype(np.float32))
+            else:
+                parts.append(np.zeros(a * b, dtype=np.float32))
+            parts.append(np.zeros(b, dtype=np.float32))
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    return FederationModel(spec_dict, sum(a * b + b for a, b in zip(dims[:-1], dims[1:])), build_layers)
