@@ -93,6 +93,7 @@ class OpenRound:
     header: bytes = b""
     waiting_logged: float = 0.0
     unsent: dict[str, str] = field(default_factory=dict)  # task_id -> agent: send failed, retried by tick
+    n_ready: int = 0                           # agents ready when it was sampled (for the log)
 
     @property
     def accepted(self) -> int:
@@ -444,9 +445,15 @@ class Coordinator:
             self._deadline(op, now)
 
     def _maybe_start(self, now: float) -> None:
+        op = self._open_round(now)
+        if op is not None:
+            self._send_round(op)
+
+    def _open_round(self, now: float) -> OpenRound | None:
+        """Sample the next round and write its tasks to the history (sent by :meth:`_send_round`)."""
         rnd, kind = self.next_round()
         if kind is None:
-            return
+            return None
         ready = self.registry.alive_names()
         need = self.fed.min_agents
         if len(ready) < max(need, self.fed.min_available):
@@ -454,7 +461,7 @@ class Coordinator:
                 self._last_wait_log = now
                 log.info("%s round %d waits for agents: %d ready, need %d", kind.value, rnd, len(ready),
                          max(need, self.fed.min_available))
-            return
+            return None
         k = len(ready) if kind is TaskKind.STATISTICS else \
             min(len(ready), max(need, math.ceil(self.fed.fraction * len(ready))))
         if k == len(ready):  # everyone (a sample of all, sorted, is the sorted list itself)
@@ -466,13 +473,19 @@ class Coordinator:
         self.history.add_tasks(TaskRow(tid, rnd, kind.value, name, time.time(), "issued")
                                for tid, name in tasks.items())
         op = OpenRound(rnd, kind, tasks, now, now + self.fed.round_timeout_s)
+        op.n_ready = len(ready)
         self._prepare_round(op)
         self.open = op
-        log.info("%s round %d started with %d of %d ready agents", kind.value, rnd, len(chosen), len(ready))
-        for tid, name in tasks.items():
+        return op
+
+    def _send_round(self, op: OpenRound) -> None:
+        """Send the tasks of a round just opened (their rows are committed to the history)."""
+        for tid, name in op.tasks.items():
             agent = self.registry.get(name)
             if agent is not None:
                 self._send_task(op, tid, agent.routing_id, name=name)
+        log.info("%s round %d started with %d of %d ready agents", op.kind.value, op.round, len(op.tasks),
+                 op.n_ready)
 
     def _prepare_round(self, op: OpenRound) -> None:
         if op.kind is TaskKind.TRAIN:
@@ -569,22 +582,28 @@ class Coordinator:
             self.history.set_task_status((t, "expired") for t in op.tasks)
             self.open = None
             return
+        if self.writer.pending >= self.max_pending_checkpoints:
+            self._finish_commit(block=True)
         try:
-            if op.kind is TaskKind.STATISTICS:
-                phase = self._commit_statistics(op)
-            else:
-                phase = self._commit_train(op)
+            # this round's record and the next round's tasks go to the history in one commit,
+            # before any of those tasks is sent and before this round's checkpoint is written
+            with self.history.transaction():
+                if op.kind is TaskKind.STATISTICS:
+                    phase = self._commit_statistics(op)
+                else:
+                    phase = self._commit_train(op)
+                self.open = None
+                self._encode_model()
+                checkpoint = self._make_checkpoint(phase)
+                nxt = self._open_round(self.clock())
         except AggregationError as exc:
             log.error("%s round %d could not be aggregated (%s); re-sampling", op.kind.value, op.round, exc)
             self.history.set_task_status((t, "expired") for t in op.tasks)
             self.open = None
             return
-        self.open = None
-        self._encode_model()
-        if self.writer.pending >= self.max_pending_checkpoints:
-            self._finish_commit(block=True)
-        self.writer.submit(self._make_checkpoint(phase), op)
-        self._maybe_start(self.clock())
+        self.writer.submit(checkpoint, op)
+        if nxt is not None:
+            self._send_round(nxt)
         if self._owed:  # notices no task of the new round carried: they go now
             nxt = self.open
             self._pay_owed(set() if nxt is None else set(nxt.tasks.values()))
