@@ -36,8 +36,9 @@ from __future__ import annotations
 import os
 import struct
 import threading
-import zlib
 from pathlib import Path
+
+from fedgate.core.crc import crc32
 
 __all__ = ["PayloadSlots", "SLOT_MIN_BYTES", "payload_crc"]
 
@@ -60,16 +61,16 @@ def payload_crc(view: bytes | memoryview) -> int:
     """
     if len(view) >= _CODEC_HEADER and view[:4] == _CODEC_MAGIC:
         return int(_U32.unpack_from(view, _CODEC_CRC_AT)[0])
-    return zlib.crc32(view)
+    return crc32(view)
 
 
 def _crc_matches(data: bytes, crc: int) -> bool:
     if len(data) >= _CODEC_HEADER and data[:4] == _CODEC_MAGIC:
         mv = memoryview(data)
         if (_U32.unpack_from(data, _CODEC_CRC_AT)[0] == crc
-                and zlib.crc32(mv[_CODEC_HEADER:], zlib.crc32(mv[:_CODEC_CRC_AT])) == crc):
+                and crc32(mv[_CODEC_HEADER:], crc32(mv[:_CODEC_CRC_AT])) == crc):
             return True
-    return zlib.crc32(data) == crc
+    return crc32(data) == crc
 
 
 class PayloadSlots:

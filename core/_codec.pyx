@@ -12,7 +12,7 @@ from libc.string cimport memcpy
 from libc.math cimport nextafterf
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 
-import zlib
+from fedgate.core.crc import crc32 as _crc32  # zlib's CRC-32, faster (isal) where available
 
 cdef extern from "Python.h":
     void* PyMem_RawMalloc(size_t n) nogil
@@ -176,14 +176,14 @@ cdef bytes _new_buffer(const uint8_t[::1] header, Py_ssize_t payload, char** dat
 cdef void _seal(bytes out, char* data):
     """Write CRC32 over header[:20] + payload into header[20:24]."""
     cdef memoryview mv = memoryview(out)
-    cdef uint32_t crc = zlib.crc32(mv[HEADER:], zlib.crc32(mv[:CRC_AT])) & 0xffffffff
+    cdef uint32_t crc = _crc32(mv[HEADER:], _crc32(mv[:CRC_AT])) & 0xffffffff
     memcpy(data + CRC_AT, &crc, 4)
 
 
 def payload_crc(const uint8_t[::1] buf):
     """CRC32 over buf[:20] + buf[24:], as written by the encoders."""
     cdef memoryview mv = memoryview(buf)
-    return zlib.crc32(mv[HEADER:], zlib.crc32(mv[:CRC_AT])) & 0xffffffff
+    return _crc32(mv[HEADER:], _crc32(mv[:CRC_AT])) & 0xffffffff
 
 
 # ------------------------------------------------------------------------- helpers

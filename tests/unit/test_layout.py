@@ -17,7 +17,7 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 # third-party (and own) top-level imports each package may use
 ALLOWED = {
     # tomli is the stdlib tomllib, back-ported for Python 3.10
-    "core": {"numpy", "cython", "libc", "cpython", "tomli", "fedgate.core"},
+    "core": {"numpy", "cython", "libc", "cpython", "tomli", "isal", "fedgate.core"},
     "drivers": {"numpy", "pymodbus", "serial", "fedgate.core", "fedgate.drivers"},
     "server": {"numpy", "zmq", "prometheus_client", "dp_accounting", "fedgate.core", "fedgate.server"},
     "agent": {"numpy", "zmq", "prometheus_client", "fedgate.core", "fedgate.drivers", "fedgate.agent"},
