@@ -192,13 +192,15 @@ class Outbox:
         self.sync()
 
     # -- writes -------------------------------------------------------------------
-    def put(self, entry: OutboxEntry) -> None:
+    def put(self, entry: OutboxEntry, fields_json: str | None = None) -> None:
         """Store ``entry`` before it is ever sent (safe from a crash of this process at once,
         from power loss once the background fsync ran; see the module docstring).
 
-        A second ``put`` of the same task_id replaces the first (a re-run task).
+        ``fields_json``: ``entry.fields`` already encoded as JSON (by the caller that
+        built the wire header from it), stored as it is. A second ``put`` of the same
+        task_id replaces the first (a re-run task).
         """
-        text = _encode_fields(entry.fields)
+        text = _encode_fields(entry.fields) if fields_json is None else fields_json
         payload = entry.payload
         if payload is None or type(payload) is bytes:
             view: bytes | memoryview | None = payload

@@ -265,13 +265,13 @@ class ResultEncoder:
             payload = self.encode_params(params, task, global_params)
         try:
             fields = self.fields(task, outcome)
-            try:
-                frames = protocol.encode(MsgType.RESULT, fields, payload)  # the wire's own checks, before storing
+            try:  # the wire's own checks, before storing; the stored fields are the header's JSON
+                frames, fields_json = protocol.encode_parts(MsgType.RESULT, fields, payload)
             except ProtocolError as exc:
                 raise TrainingError(f"{task.kind} task {task.task_id}: result not sendable: {exc}") from exc
             entry = OutboxEntry(task_id=task.task_id, round=task.round, kind=task.kind, fields=fields,
                                 payload=payload)
-            self.outbox.put(entry)
+            self.outbox.put(entry, fields_json)
             self._headers[task.task_id] = frames[0]
             while len(self._headers) > _HEADERS_KEPT:
                 self._headers.pop(next(iter(self._headers)))

@@ -45,6 +45,7 @@ __all__ = [
     "Message",
     "MessageError",
     "encode",
+    "encode_parts",
     "decode",
     "new_task_id",
     "new_task_ids",
@@ -561,22 +562,33 @@ def encode(msg_type: MsgType | str, fields: Mapping[str, Any],
     MessageError
         The fields do not satisfy the schema of the type.
     """
-    try:
-        mt = MsgType(msg_type)
-    except ValueError as exc:
-        raise MessageError(f"unknown message type {msg_type!r}", ErrorCode.UNKNOWN_TYPE) from exc
+    return encode_parts(msg_type, fields, payload)[0]
+
+
+def encode_parts(msg_type: MsgType | str, fields: Mapping[str, Any],
+                 payload: bytes | memoryview | None = None) -> tuple[list[bytes | memoryview], str]:
+    """As :func:`encode`, and the JSON text of the validated fields alone (without ``v``
+    and ``type``): the header is that text with ``v`` and ``type`` put in front, so a
+    caller that keeps the fields as JSON (the agent's outbox) encodes them once."""
+    mt = msg_type if msg_type.__class__ is MsgType else None
+    if mt is None:
+        try:
+            mt = MsgType(msg_type)
+        except ValueError as exc:
+            raise MessageError(f"unknown message type {msg_type!r}", ErrorCode.UNKNOWN_TYPE) from exc
     n_payload = 0 if payload is None else len(memoryview(payload))
     if payload is not None and n_payload == 0:
         raise MessageError("an empty payload frame is not allowed", msg_type=mt)
     clean = _validate(mt, fields, n_payload)
-    head = {"v": PROTOCOL_VERSION, "type": mt.value, **clean}
     try:
-        header = _JSON_OUT.encode(head).encode("utf-8")
+        body = _JSON_OUT.encode(clean)
     except (TypeError, ValueError) as exc:
         raise MessageError(f"fields not JSON-encodable: {exc}", msg_type=mt) from exc
+    lead = _HEAD_LEAD[mt]
+    header = (lead + "}" if body == "{}" else lead + "," + body[1:]).encode("utf-8")
     if len(header) > MAX_HEADER_BYTES:
         raise MessageError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}", msg_type=mt)
-    return [header] if payload is None else [header, payload]
+    return ([header] if payload is None else [header, payload]), body
 
 
 def _reject_constant(name: str) -> Any:
@@ -585,6 +597,8 @@ def _reject_constant(name: str) -> Any:
 
 _JSON = json.JSONDecoder(parse_constant=_reject_constant)
 _JSON_OUT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+# a header starts with the version and the type, then the fields: {"v":1,"type":"task",...}
+_HEAD_LEAD = {mt: '{"v":%d,"type":%s' % (PROTOCOL_VERSION, _JSON_OUT.encode(mt.value)) for mt in MsgType}
 
 
 class _TaskHeaders:

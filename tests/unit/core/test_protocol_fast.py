@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedgate.core import protocol
-from fedgate.core.protocol import MessageError, MsgType, decode, encode, new_task_id
+from fedgate.core.protocol import MessageError, MsgType, decode, encode, encode_parts, new_task_id
 
 TID = "0123456789abcdef" * 2
 SPEC = {"kind": "mlp", "n_features": 3, "n_outputs": 1, "hidden": [8], "activation": "relu", "loss": "squared"}
@@ -213,3 +213,19 @@ def test_new_task_ids_are_valid_and_unique():
     assert len(ids) == 500 and len(set(ids)) == 500
     assert all(protocol._TASK_ID_RE.match(t) for t in ids)
     assert protocol.new_task_ids(0) == []
+
+
+@pytest.mark.parametrize("msg_type, fields, payload", [
+    (MsgType.HEARTBEAT, {}, None),
+    (MsgType.COMMITTED, {"round": 3}, None),
+    (MsgType.RESULT, {"agent": "gw001", "task_id": TID, "round": 2, "kind": "train", "n_samples": 30,
+                      "metrics": {"loss": 1, "acc": 0.5}}, b"payload"),
+    ("ack", {"task_id": TID, "status": "rejected", "reason": "size \u00e9\"x\""}, None),
+])
+def test_encode_parts_gives_the_header_and_the_json_of_the_validated_fields(msg_type, fields, payload):
+    frames, body = encode_parts(msg_type, fields, payload)
+    assert frames == encode(msg_type, fields, payload)
+    head = json.loads(frames[0])
+    assert list(head)[:2] == ["v", "type"] and head["v"] == 1
+    assert {k: v for k, v in head.items() if k not in ("v", "type")} == json.loads(body)
+    assert decode(frames).fields == json.loads(body)
