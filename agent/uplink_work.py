@@ -161,13 +161,15 @@ class ResultEncoder:
 
         ``check_crc=False`` skips the codec's CRC-32 (lengths and fields are still
         checked): for a CURVE link, whose Poly1305 tag already authenticates every byte.
+        An ``f32`` model comes back as a read-only view of ``buf`` (no copy; the array
+        keeps the frame alive); the other codecs decode into a fresh array.
 
         Raises
         ------
         ProtocolError
             The buffer is not a valid encoding.
         """
-        return np.asarray(codec.decode(buf, check_crc=check_crc), dtype=np.float32)
+        return codec.decode(buf, check_crc=check_crc, view=True)
 
     def encode_params(self, params: np.ndarray, task: Task, global_params: np.ndarray | None = None) -> bytes:
         """The train result payload of ``task``: ``params`` encoded with the task's codec.

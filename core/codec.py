@@ -337,6 +337,7 @@ def decode(
     max_decoded_size: int = MAX_DECODED_SIZE,
     out: npt.NDArray[np.float32] | None = None,
     check_crc: bool = True,
+    view: bool = False,
 ) -> npt.NDArray[np.float32]:
     """Decode a buffer made by :func:`encode` (bytes, bytearray or memoryview; not copied).
 
@@ -349,10 +350,12 @@ def decode(
         authenticates every byte (CURVE) may skip it: the CRC costs ~0.25 ms per MB.
         Lengths, header fields, q8 scales and top-k indices are checked either way,
         so a skipped CRC can never lead to an out-of-bounds access.
+    view : an ``f32`` buffer (without ``out``) comes back as a read-only array over the
+        buffer itself, not a copy (it keeps the buffer alive); other codecs decode as usual
 
     Returns
     -------
-    (count,) float32, a fresh array (or ``out``)
+    (count,) float32, a fresh array (or ``out``, or with ``view`` a view of ``buf``)
 
     Raises
     ------
@@ -365,6 +368,8 @@ def decode(
     ro = mv.toreadonly()
     if check_crc and _k.payload_crc(ro) != crc:
         raise ProtocolError(f"{head.codec.value} buffer of {head.nbytes} bytes fails its CRC32 check")
+    if view and out is None and head.codec is Codec.F32:
+        return np.frombuffer(ro, dtype=np.float32, count=head.count, offset=HEADER_SIZE)
     if out is None:
         out = np.zeros(head.count, dtype=np.float32) if head.codec is Codec.TOPK else np.empty(
             head.count, dtype=np.float32
