@@ -94,6 +94,9 @@ class OpenRound:
     waiting_logged: float = 0.0
     unsent: dict[str, str] = field(default_factory=dict)  # task_id -> agent: send failed, retried by tick
     n_ready: int = 0                           # agents ready when it was sampled (for the log)
+    finished: float = 0.0                      # wall time when it was aggregated
+    closed: float = 0.0                        # clock() then
+    epsilon: float | None = None               # privacy spent after it (DP)
 
     @property
     def accepted(self) -> int:
@@ -585,25 +588,29 @@ class Coordinator:
         if self.writer.pending >= self.max_pending_checkpoints:
             self._finish_commit(block=True)
         try:
-            # this round's record and the next round's tasks go to the history in one commit,
-            # before any of those tasks is sent and before this round's checkpoint is written
-            with self.history.transaction():
-                if op.kind is TaskKind.STATISTICS:
-                    phase = self._commit_statistics(op)
-                else:
-                    phase = self._commit_train(op)
-                self.open = None
-                self._encode_model()
-                checkpoint = self._make_checkpoint(phase)
-                nxt = self._open_round(self.clock())
+            if op.kind is TaskKind.STATISTICS:
+                phase = self._commit_statistics(op)
+            else:
+                phase = self._commit_train(op)
         except AggregationError as exc:
             log.error("%s round %d could not be aggregated (%s); re-sampling", op.kind.value, op.round, exc)
             self.history.set_task_status((t, "expired") for t in op.tasks)
             self.open = None
             return
-        self.writer.submit(checkpoint, op)
+        op.closed = self.clock()
+        self.open = None
+        self._encode_model()
+        checkpoint = self._make_checkpoint(phase)
+        # the next round's tasks first (written to the history, then sent): the agents work
+        # while this round's rows are written; the checkpoint is queued after them, so a
+        # checkpoint on disk always has its round in the history (a crash before it reopens
+        # this round, and the history takes the round again)
+        with self.history.transaction():
+            nxt = self._open_round(self.clock())
         if nxt is not None:
             self._send_round(nxt)
+        self._record(op, op.epsilon)
+        self.writer.submit(checkpoint, op)
         if self._owed:  # notices no task of the new round carried: they go now
             nxt = self.open
             self._pay_owed(set() if nxt is None else set(nxt.tasks.values()))
@@ -648,8 +655,9 @@ class Coordinator:
     def _record_rows(self, op: OpenRound, epsilon: float | None) -> None:
         h = self.history
         metrics = op.metrics.result()
-        h.add_round(op.round, op.kind.value, started=time.time() - (self.clock() - op.started),
-                    finished=time.time(), n_sampled=len(op.tasks), n_accepted=op.accepted,
+        finished = op.finished or time.time()
+        h.add_round(op.round, op.kind.value, started=finished - (op.closed - op.started),
+                    finished=finished, n_sampled=len(op.tasks), n_accepted=op.accepted,
                     n_rejected=len(op.done) - op.accepted, metrics=metrics, epsilon=epsilon)
         h.add_agent_metrics_many((tid, op.round, op.kind.value, name, n, m) for tid, name, n, m in op.rows)
         h.set_task_status(list(op.done.items()) + [(t, "expired") for t in op.tasks if t not in op.done])
@@ -657,7 +665,7 @@ class Coordinator:
     def _commit_statistics(self, op: OpenRound) -> str:
         count, mean, m2 = agg.merge_stats(op.stats)
         self.scaler = agg.stats_to_scaler(count, mean, m2)
-        self._record(op, None)
+        op.finished = time.time()
         self.committed = 0
         log.info("statistics round committed: scaler from %d samples of %d agents", count, len(op.stats))
         return "statistics"
@@ -674,7 +682,7 @@ class Coordinator:
         if not agg.is_finite(new):
             raise AggregationError("the aggregated model is not finite")
         self.params = np.ascontiguousarray(new, dtype=np.float32)
-        self._record(op, epsilon)
+        op.finished, op.epsilon = time.time(), epsilon
         self.committed = op.round
         self.have_model = True
         log.info("train round %d committed: %d updates%s", op.round, self.strategy.count,
