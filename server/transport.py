@@ -13,6 +13,8 @@
   allocated), bounded HWMs, ``HANDSHAKE_IVL``, ZMTP heartbeats, bounded ``LINGER``,
   ``ROUTER_MANDATORY`` so a send to a vanished peer fails instead of vanishing.
 * A socket monitor counts handshake failures (auth / protocol) and disconnects.
+* Model-sized payloads are paced: at most ``send_window_bytes`` of them are handed to
+  libzmq at once, the rest wait here (see :meth:`Transport.send`).
 
 Frames are received with ``copy=False``: the payload reaches the decoder as a view
 on libzmq's buffer. zmq exceptions never leave this module (they become
@@ -20,9 +22,13 @@ on libzmq's buffer. zmq exceptions never leave this module (they become
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import socket
 import struct
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +50,7 @@ _MORE = zmq.SNDMORE | zmq.NOBLOCK
 _ZERO_COPY_MIN = 65536
 _SHARE_MIN = 4096   # a bytes payload this large sent twice is shared by every later send
 _SHARED_MAX = 1     # payloads kept shared at once (the current model; libzmq keeps older ones until sent)
+_PACE_MIN = 1 << 20  # payloads from this size are paced (model-sized: see Transport.send)
 _MIN_LIBZMQ = (4, 3, 2)
 
 
@@ -63,12 +70,17 @@ class Incoming:
 
 @dataclass(frozen=True)
 class TransportLimits:
+    """Socket limits; ``send_window_bytes`` and ``send_hold_s`` pace model-sized sends
+    (:meth:`Transport.send`)."""
+
     max_message_size: int = 64 * 2**20
     queue_depth: int = 64
     handshake_timeout_s: float = 5.0
     heartbeat_s: float = 5.0
     dead_after_s: float = 15.0
     linger_s: float = 1.0
+    send_window_bytes: int = 4 * 2**20
+    send_hold_s: float = 0.1
 
 
 class Transport:
@@ -104,8 +116,18 @@ class Transport:
         self.bytes_in = 0
         self.bytes_out = 0
         self.sends_dropped = {"queue_full": 0, "unreachable": 0}  # messages not sent (never blocks)
+        self.sends_paced = 0  # messages that waited for the send window
         self._shared: dict[int, tuple[bytes, zmq.Frame]] = {}  # id(payload) -> (payload, its one zmq frame)
         self._last_large: bytes | None = None
+        # paced sends: (routing id, frames, paced payload size, held since) in send order
+        self._held: collections.deque[tuple[bytes, list[Any], int, float]] = collections.deque()
+        self._held_for: dict[bytes, int] = {}  # routing id -> its messages held (later ones queue behind)
+        self._in_flight: list[list[int]] = []  # [size] of each paced payload libzmq holds, emptied on release
+        self._in_flight_bytes = 0
+        # a release (on pyzmq's garbage-collector thread) writes a byte here: poll wakes at once
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         try:
             self._open(bind, secret_key_path)
         except BaseException:
@@ -150,6 +172,7 @@ class Transport:
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         log.info("listening on %s (%s, max message %d bytes)", self.endpoint,
                  "INSECURE: no CURVE, no allow-list" if self.insecure else "CURVE with allow-list",
                  lim.max_message_size)
@@ -185,14 +208,28 @@ class Transport:
 
         Each message is received only when the previous one was handled, so its
         buffers are released before the next is taken (never raises zmq errors).
+        Held sends (:meth:`send`) go out as soon as libzmq releases a paced payload
+        (the release wakes the wait) or when they are overdue.
         """
         assert self.sock is not None
+        if self._held:
+            self._pump()
+            if self._held:  # wake up when the oldest is overdue at the latest
+                timeout_s = min(timeout_s, max(0.001, self._held[0][3] + self.limits.send_hold_s - time.monotonic()))
         try:
             ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EINTR:
                 return
             raise
+        if self._wake_r.fileno() in ready:
+            try:
+                self._wake_r.recv(4096)
+            except OSError:
+                pass
+            self._reap()
+            if self._held:
+                self._pump()
         if self.monitor in ready:
             self._drain_monitor()
         if self.sock not in ready:
@@ -227,6 +264,8 @@ class Transport:
             del frames
             yield msg
             del msg
+            if self._held:
+                self._pump()
 
     def send(self, routing_id: bytes, frames: list[Any]) -> bool:
         """Send one message to a peer without blocking; False if it is gone or its queue is full.
@@ -236,7 +275,60 @@ class Transport:
         every agent) becomes one shared ``zmq.Frame``: every later send hands libzmq a
         reference to the same buffer (no copy, no allocation). Other large frames are sent
         without a copy.
+
+        Model-sized payloads (``bytes`` of at least 1 MiB) are paced: libzmq holds at most
+        ``limits.send_window_bytes`` of them at once (always at least one), each sent
+        without a copy and tracked until libzmq releases it; the others wait here, in
+        order, and go out as the window opens (:meth:`poll` looks), or once they have
+        waited ``limits.send_hold_s`` whatever the window. The agents then get their tasks
+        one after another rather than all at once, so their results come back spread out
+        instead of landing together: the updates waiting in the server's memory are a
+        few, not one per agent. On a slow link the hold bounds the delay. A message to a
+        peer with a message waiting waits behind it (each peer's messages keep their
+        order). A message that waits counts as sent (True); if it cannot be sent when
+        its turn comes, it is dropped and counted in ``sends_dropped`` like any other.
         """
+        size = _paced_size(frames)
+        if self._held:
+            self._pump()
+        if self._held_for.get(routing_id) or (size and (self._held or not self._window_open(size))):
+            self._held.append((routing_id, frames, size, time.monotonic()))
+            self._held_for[routing_id] = self._held_for.get(routing_id, 0) + 1
+            self.sends_paced += 1
+            return True
+        return self._send(routing_id, frames, size)
+
+    def _window_open(self, size: int) -> bool:
+        """Whether a paced payload of ``size`` bytes may go to libzmq now."""
+        self._reap()
+        return not self._in_flight or self._in_flight_bytes + size <= self.limits.send_window_bytes
+
+    def _reap(self) -> None:
+        """Forget the paced payloads libzmq has released."""
+        if self._in_flight:
+            still = [e for e in self._in_flight if e]
+            if len(still) != len(self._in_flight):
+                self._in_flight = still
+                self._in_flight_bytes = sum(e[0] for e in still)
+
+    def _pump(self) -> None:
+        """Send the held messages whose turn has come (in order)."""
+        held = self._held
+        overdue = time.monotonic() - self.limits.send_hold_s
+        while held:
+            rid, frames, size, since = held[0]
+            if size and since > overdue and not self._window_open(size):
+                return
+            held.popleft()
+            left = self._held_for[rid] - 1
+            if left:
+                self._held_for[rid] = left
+            else:
+                del self._held_for[rid]
+            self._send(rid, frames, size)
+
+    def _send(self, routing_id: bytes, frames: list[Any], paced: int) -> bool:
+        """Hand one message to libzmq (``paced``: the size of its tracked payload, or 0)."""
         sock = self.sock
         assert sock is not None
         last = len(frames) - 1
@@ -249,6 +341,8 @@ class Transport:
                 flags = zmq.NOBLOCK if i == last else _MORE
                 if n < _SHARE_MIN:
                     sock.send(frame, flags)
+                elif paced and i == 1:  # tracked: the window opens again when libzmq lets it go
+                    sock.send(self._tracked_frame(frame, n), flags, copy=False)
                 else:  # a payload (frame 1) may be shared; a header never repeats (its nonce)
                     shared = self._shared_frame(frame) if i and type(frame) is bytes else None
                     if shared is None:
@@ -267,6 +361,20 @@ class Transport:
             raise
         self.bytes_out += nbytes
         return True
+
+    def _tracked_frame(self, payload: bytes, size: int) -> zmq.Frame:
+        """A zero-copy frame of ``payload`` counted in flight until libzmq releases it.
+
+        pyzmq holds the buffer's object until libzmq is done with it, then drops it on
+        its garbage-collector thread; the object here is a memoryview made for this one
+        send, so its finalizer marks exactly this send released and wakes :meth:`poll`.
+        """
+        view = memoryview(payload)
+        entry = [size]
+        weakref.finalize(view, _released, entry, self._wake_w).atexit = False
+        self._in_flight.append(entry)
+        self._in_flight_bytes += size
+        return zmq.Frame(view, copy=False)
 
     def _shared_frame(self, payload: bytes) -> zmq.Frame | None:
         """The shared frame of a payload sent before, or None the first time."""
@@ -325,13 +433,36 @@ class Transport:
             self.auth = None
         self._shared.clear()
         self._last_large = None
+        self._held.clear()
+        self._held_for.clear()
+        self._in_flight.clear()
+        self._in_flight_bytes = 0
         self.ctx.term()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def __enter__(self) -> Transport:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _released(entry: list[int], wake: socket.socket) -> None:
+    """libzmq let a paced payload go (any thread): it no longer counts; wake the loop."""
+    entry.clear()
+    try:
+        wake.send(b"\0")
+    except OSError:  # the transport is closed, or the wake-up pipe is full (a wake-up is pending)
+        pass
+
+
+def _paced_size(frames: list[Any]) -> int:
+    """The size of a message's paced payload (frame 1, ``bytes``, from ``_PACE_MIN``), else 0."""
+    if len(frames) > 1 and type(frames[1]) is bytes:
+        n = len(frames[1])
+        return n if n >= _PACE_MIN else 0
+    return 0
 
 
 def _monitor_event(frames: list[bytes]) -> dict[str, Any]:
