@@ -137,7 +137,7 @@ class Coordinator:
         self.eval_rows: list[tuple[str, int, str, int, dict[str, float]]] = []
         self.fatal: StoreError | None = None
         self.writer = CheckpointWriter(checkpoints)
-        self.max_pending_checkpoints = 2   # commits in memory whose checkpoint is still being written
+        self.max_pending_checkpoints = 8   # commits not yet announced (the writer holds at most two checkpoints)
         self._dp_scratch: np.ndarray | None = None
         self._q8_in_place = self.strategy.streaming and not cfg.privacy.enabled
         self._task_templates: dict[TaskKind, tuple[Any, bytes | None]] = {}

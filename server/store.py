@@ -31,7 +31,6 @@ import re
 import sqlite3
 import collections
 import contextlib
-import queue
 import struct
 import threading
 import time
@@ -227,20 +226,29 @@ class CheckpointStore:
 
 
 class CheckpointWriter:
-    """Writes checkpoints on one worker thread, in the order they are submitted.
+    """Writes checkpoints on one worker thread, newest first when the disk falls behind.
 
     The round loop hands a checkpoint over with a tag and goes on serving while the file
     is written and fsynced; :meth:`completed` returns ``(tag, error)`` for each one
     finished since the last call, in order, so the loop can announce each commit once it
-    is on disk. The arrays of a submitted checkpoint must not change afterwards.
+    is on disk. A checkpoint still waiting when a newer one is submitted is superseded:
+    only the newer one is written, and both tags complete with it (it holds everything
+    the older one did: the later round's model, scaler and strategy state). So when
+    rounds come faster than the disk syncs, the writer keeps up by writing fewer files,
+    and at most two checkpoints are held in memory (one being written, one waiting). The
+    arrays of a submitted checkpoint must not change afterwards.
     """
 
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
-        self._queue: queue.Queue[tuple[Checkpoint, Any] | None] = queue.Queue()
+        self._cond = threading.Condition()
+        self._next: tuple[Checkpoint, list[Any]] | None = None  # waiting to be written
+        self._busy = False                                       # one is being written
+        self._closing = False
         self._finished: collections.deque[tuple[Any, StoreError | None]] = collections.deque()
         self._thread: threading.Thread | None = None
         self._pending = 0
+        self.superseded = 0  # checkpoints never written because a newer one came first
 
     @property
     def pending(self) -> int:
@@ -249,28 +257,38 @@ class CheckpointWriter:
 
     def submit(self, ckpt: Checkpoint, tag: Any = None) -> None:
         if self._thread is None:
+            self._closing = False
             self._thread = threading.Thread(target=self._run, name="fedgate-checkpoint", daemon=True)
             self._thread.start()
         self._pending += 1
-        self._queue.put((ckpt, tag))
+        with self._cond:
+            if self._next is None:
+                self._next = (ckpt, [tag])
+            else:
+                self.superseded += 1
+                self._next = (ckpt, [*self._next[1], tag])
+            self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            try:
-                if item is None:
+            with self._cond:
+                while self._next is None and not self._closing:
+                    self._cond.wait()
+                if self._next is None:
                     return
-                ckpt, tag = item
-                error: StoreError | None = None
-                try:
-                    self.store.save(ckpt)
-                except StoreError as exc:
-                    error = exc
-                except Exception as exc:  # noqa: BLE001 - reported to the round loop as a StoreError
-                    error = StoreError(f"{self.store.dir}: checkpoint failed: {exc!r}")
-                self._finished.append((tag, error))
-            finally:
-                self._queue.task_done()
+                (ckpt, tags), self._next = self._next, None
+                self._busy = True
+            error: StoreError | None = None
+            try:
+                self.store.save(ckpt)
+            except StoreError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - reported to the round loop as a StoreError
+                error = StoreError(f"{self.store.dir}: checkpoint failed: {exc!r}")
+            with self._cond:
+                self._finished.extend((tag, error) for tag in tags)
+                self._busy = False
+                self._cond.notify_all()
 
     def completed(self) -> list[tuple[Any, StoreError | None]]:
         """``(tag, error)`` of the checkpoints finished since the last call, oldest first."""
@@ -282,14 +300,17 @@ class CheckpointWriter:
 
     def wait(self) -> None:
         """Block until every submitted checkpoint is written (or failed)."""
-        if self._thread is not None:
-            self._queue.join()
+        with self._cond:
+            while self._next is not None or self._busy:
+                self._cond.wait()
 
     def close(self) -> None:
         """Wait for the queue, then stop the worker thread."""
         if self._thread is not None:
-            self._queue.join()
-            self._queue.put(None)
+            self.wait()
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()
             self._thread.join()
             self._thread = None
 
