@@ -134,6 +134,7 @@ class Coordinator:
         self.durable = -1                    # last round whose checkpoint is on disk (announced)
         self._owed: dict[str, float] = {}    # agent -> since when it is owed a commit notice
         self._owed_since = math.inf          # the oldest of those times
+        self._round_logged: dict[str, float] = {}  # "started"/"committed" -> last logged at INFO
         self.eval_rows: list[tuple[str, int, str, int, dict[str, float]]] = []
         self.fatal: StoreError | None = None
         self.writer = CheckpointWriter(checkpoints)
@@ -487,8 +488,8 @@ class Coordinator:
             agent = self.registry.get(name)
             if agent is not None:
                 self._send_task(op, tid, agent.routing_id, name=name)
-        log.info("%s round %d started with %d of %d ready agents", op.kind.value, op.round, len(op.tasks),
-                 op.n_ready)
+        log.log(self._round_log_level("started"), "%s round %d started with %d of %d ready agents", op.kind.value,
+                op.round, len(op.tasks), op.n_ready)
 
     def _prepare_round(self, op: OpenRound) -> None:
         if op.kind is TaskKind.TRAIN:
@@ -662,6 +663,16 @@ class Coordinator:
         h.add_agent_metrics_many((tid, op.round, op.kind.value, name, n, m) for tid, name, n, m in op.rows)
         h.set_task_status(list(op.done.items()) + [(t, "expired") for t in op.tasks if t not in op.done])
 
+    def _round_log_level(self, what: str) -> int:
+        """INFO for a round's start or commit at most once a second (rounds can come
+        hundreds a second: the log stays readable and journald's rate limit untouched);
+        DEBUG for the others."""
+        now = self.clock()
+        if now - self._round_logged.get(what, -math.inf) >= 1.0:
+            self._round_logged[what] = now
+            return logging.INFO
+        return logging.DEBUG
+
     def _commit_statistics(self, op: OpenRound) -> str:
         count, mean, m2 = agg.merge_stats(op.stats)
         self.scaler = agg.stats_to_scaler(count, mean, m2)
@@ -685,8 +696,9 @@ class Coordinator:
         op.finished, op.epsilon = time.time(), epsilon
         self.committed = op.round
         self.have_model = True
-        log.info("train round %d committed: %d updates%s", op.round, self.strategy.count,
-                 "" if epsilon is None else f", epsilon {epsilon:.3g} at delta {self.cfg.privacy.delta:g}")
+        log.log(self._round_log_level("committed"), "train round %d committed: %d updates%s", op.round,
+                self.strategy.count,
+                "" if epsilon is None else f", epsilon {epsilon:.3g} at delta {self.cfg.privacy.delta:g}")
         return "train"
 
     def _broadcast(self, op: OpenRound) -> None:

@@ -194,3 +194,20 @@ def test_hello_flags_are_validated():
                           "n_samples": 1, "task_commits": bad}).encode()
         with pytest.raises(MessageError):
             decode([raw])
+
+
+def test_round_lines_reach_info_at_most_once_a_second(rig: Rig, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG, logger="fedgate.server.coordinator")
+    rig.co.tick()
+    tasks = tasks_of(rig.take())
+    for _ in range(3):  # three rounds within the same second
+        rig.answer(tasks)
+        tasks = tasks_of(rig.take())
+        rig.durable()
+        rig.take()
+    rig.now += 1.5
+    rig.answer(tasks)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "committed:" in r.getMessage()]
+    assert [lvl for lvl, _ in lines] == [logging.INFO, logging.DEBUG, logging.DEBUG, logging.INFO]
+    assert lines[-1][1].startswith("train round 4 committed")
