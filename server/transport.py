@@ -14,7 +14,8 @@
   ``ROUTER_MANDATORY`` so a send to a vanished peer fails instead of vanishing.
 * A socket monitor counts handshake failures (auth / protocol) and disconnects.
 * Model-sized payloads are paced: at most ``send_window_bytes`` of them are handed to
-  libzmq at once, the rest wait here (see :meth:`Transport.send`).
+  libzmq at once (with CURVE also at most ``curve_send_bytes_per_s``), the rest wait
+  here (see :meth:`Transport.send`).
 
 Frames are received with ``copy=False``: the payload reaches the decoder as a view
 on libzmq's buffer. zmq exceptions never leave this module (they become
@@ -70,8 +71,8 @@ class Incoming:
 
 @dataclass(frozen=True)
 class TransportLimits:
-    """Socket limits; ``send_window_bytes`` and ``send_hold_s`` pace model-sized sends
-    (:meth:`Transport.send`)."""
+    """Socket limits; ``send_window_bytes``, ``curve_send_bytes_per_s`` and ``send_hold_s``
+    pace model-sized sends (:meth:`Transport.send`)."""
 
     max_message_size: int = 64 * 2**20
     queue_depth: int = 64
@@ -80,6 +81,7 @@ class TransportLimits:
     dead_after_s: float = 15.0
     linger_s: float = 1.0
     send_window_bytes: int = 4 * 2**20
+    curve_send_bytes_per_s: float = 1e9
     send_hold_s: float = 0.1
 
 
@@ -124,6 +126,7 @@ class Transport:
         self._held_for: dict[bytes, int] = {}  # routing id -> its messages held (later ones queue behind)
         self._in_flight: list[list[int]] = []  # [size] of each paced payload libzmq holds, emptied on release
         self._in_flight_bytes = 0
+        self._next_paced = 0.0  # CURVE: no paced payload goes before this (monotonic)
         # a release (on pyzmq's garbage-collector thread) writes a byte here: poll wakes at once
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -214,8 +217,12 @@ class Transport:
         assert self.sock is not None
         if self._held:
             self._pump()
-            if self._held:  # wake up when the oldest is overdue at the latest
-                timeout_s = min(timeout_s, max(0.001, self._held[0][3] + self.limits.send_hold_s - time.monotonic()))
+            if self._held:  # wake up when the oldest is overdue (or, with CURVE, the next may go)
+                now = time.monotonic()
+                due = self._held[0][3] + self.limits.send_hold_s
+                if self._next_paced > now:
+                    due = min(due, self._next_paced)
+                timeout_s = min(timeout_s, max(0.001, due - now))
         try:
             ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
         except zmq.ZMQError as exc:
@@ -283,7 +290,10 @@ class Transport:
         waited ``limits.send_hold_s`` whatever the window. The agents then get their tasks
         one after another rather than all at once, so their results come back spread out
         instead of landing together: the updates waiting in the server's memory are a
-        few, not one per agent. On a slow link the hold bounds the delay. A message to a
+        few, not one per agent. On a slow link the hold bounds the delay. With CURVE,
+        libzmq releases a payload once it has encrypted it, while the ciphertext (a
+        model-sized copy per agent) waits until the agent reads it; so there paced
+        payloads also go at most at ``limits.curve_send_bytes_per_s``. A message to a
         peer with a message waiting waits behind it (each peer's messages keep their
         order). A message that waits counts as sent (True); if it cannot be sent when
         its turn comes, it is dropped and counted in ``sends_dropped`` like any other.
@@ -301,6 +311,8 @@ class Transport:
     def _window_open(self, size: int) -> bool:
         """Whether a paced payload of ``size`` bytes may go to libzmq now."""
         self._reap()
+        if self._next_paced and time.monotonic() < self._next_paced:
+            return False
         return not self._in_flight or self._in_flight_bytes + size <= self.limits.send_window_bytes
 
     def _reap(self) -> None:
@@ -374,6 +386,8 @@ class Transport:
         weakref.finalize(view, _released, entry, self._wake_w).atexit = False
         self._in_flight.append(entry)
         self._in_flight_bytes += size
+        if not self.insecure:
+            self._next_paced = time.monotonic() + size / self.limits.curve_send_bytes_per_s
         return zmq.Frame(view, copy=False)
 
     def _shared_frame(self, payload: bytes) -> zmq.Frame | None:

@@ -2,6 +2,7 @@
 model-sized payloads are paced (a window of them with libzmq, the rest held in order)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import zmq
 
-from fedgate.server.transport import Transport, TransportLimits
+from fedgate.core.keys import load_public_key, load_secret_key
+from fedgate.server.transport import Transport, TransportLimits, generate_keypair
 
 # pyzmq starts its garbage-collector thread (one per process, for its lifetime) at the
 # first zero-copy frame; start it here so the thread-leak check does not count it
@@ -177,3 +179,46 @@ def test_small_payloads_are_not_paced(paced):
     finally:
         for s in peers:
             s.close(0)
+
+
+def test_with_curve_paced_payloads_also_keep_to_a_rate(tmp_path):
+    """libzmq lets a CURVE payload go once encrypted, before the agent has it: the rate
+    holds the next one back even though the window is open again."""
+    (tmp_path / "agents").mkdir()
+    _, server_secret = generate_keypair(tmp_path, "server")
+    server_public = load_public_key(tmp_path / "server.key")
+    limits = TransportLimits(send_window_bytes=1, curve_send_bytes_per_s=1.0, send_hold_s=3600.0)
+    keys = []
+    for i in range(2):
+        pub, sec = generate_keypair(tmp_path / "agents", f"gw{i}")
+        keys.append((load_public_key(pub), load_secret_key(sec)))
+    with Transport("tcp://127.0.0.1:0", secret_key_path=server_secret, agents_dir=str(tmp_path / "agents"),
+                   limits=limits) as tr:
+        ctx = zmq.Context.instance()
+        peers, rids = [], []
+        try:
+            for i, (pub, sec) in enumerate(keys):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.curve_publickey, s.curve_secretkey = pub.encode(), sec.encode()
+                s.curve_serverkey = server_public.encode()
+                s.connect(tr.endpoint)
+                s.send(b"hello")
+                peers.append(s)
+                deadline = time.monotonic() + 20
+                while len(rids) == i and time.monotonic() < deadline:
+                    rids += [m.routing_id for m in tr.poll(0.1)]
+            assert len(rids) == 2, "peers did not connect"
+            payload = np.random.default_rng(4).bytes(2 * 2**20)
+            for i, rid in enumerate(rids):
+                assert tr.send(rid, [b"task %d" % i, payload])
+            assert _recv_pumping(tr, peers[0]) == [b"task 0", payload]
+            deadline = time.monotonic() + 20
+            while tr._in_flight and time.monotonic() < deadline:
+                list(tr.poll(0.01))
+            assert not tr._in_flight and len(tr._held) == 1  # released, yet the rate holds the next
+            tr.limits = dataclasses.replace(limits, send_hold_s=0.0)  # now overdue: it goes
+            assert _recv_pumping(tr, peers[1]) == [b"task 1", payload]
+        finally:
+            for s in peers:
+                s.close(0)
