@@ -14,6 +14,11 @@ median round period (start to start, includes checkpoint and commit), the server
 peak RSS and the largest agent peak RSS. Round 1 is a warm-up (it also waits for every
 agent to connect) and is not counted.
 
+``--floor`` also runs, on each point, the least any Python + ZeroMQ design can do: a bare
+pyzmq ROUTER and N bare DEALER processes exchanging payloads of the same sizes (the
+agent adds a vector, the server sums the replies), with no protocol, no checks, no
+history, no checkpoint and no outbox; ``fedgate/floor`` says how far above that we are.
+
 ``--vs-flower PYTHON`` runs ``shared/anchors/flower/bench_flower.py`` with that
 interpreter (a venv with flwr 1.41.0) on the same (N, D) points in the same run and
 prints Flower/fedgate ratios (insecure vs insecure; Flower's harness has no TLS).
@@ -198,6 +203,72 @@ def run_point(n: int, d: int, codec: str, curve: bool, rounds: int, workdir: Pat
     return result
 
 
+def payload_bytes(d: int, codec: str) -> int:
+    """Bytes of one encoded vector of ``d`` values (codec header included)."""
+    if codec == "q8":
+        return 24 + d + 4 * -(-d // 256)
+    return 24 + 4 * d
+
+
+def floor_agent(port: int, nbytes: int) -> None:
+    """A bare DEALER: each message in gets a same-sized vector out (numpy add, no checks)."""
+    import numpy as np
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    sock.send(b"hi")
+    noise = np.ones(nbytes // 4, dtype=np.float32)
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) == 1:
+            break
+        vec = np.frombuffer(frames[1].buffer, dtype=np.float32, count=nbytes // 4) + noise
+        sock.send_multipart([b"r", vec], copy=False)
+    sock.close(0)
+    ctx.term()
+
+
+def run_floor(n: int, d: int, codec: str, rounds: int) -> float | None:
+    """Median round (ms) of the bare pyzmq exchange on this point (see the module docstring)."""
+    import numpy as np
+    import zmq
+
+    nbytes = payload_bytes(d, codec)
+    nbytes -= nbytes % 4
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    procs = [subprocess.Popen([sys.executable, __file__, "floor-agent", str(port), str(nbytes)])
+             for _ in range(n)]
+    try:
+        ids = [router.recv_multipart()[0] for _ in range(n)]
+        model = np.zeros(nbytes // 4, dtype=np.float32)
+        walls = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            acc = np.zeros(model.size, dtype=np.float64)
+            for rid in ids:
+                router.send_multipart([rid, b"t", model], copy=False)
+            for _ in range(n):
+                frames = router.recv_multipart(copy=False)
+                acc += np.frombuffer(frames[2].buffer, dtype=np.float32)
+            model = (acc / n).astype(np.float32)
+            walls.append(time.perf_counter() - t0)
+        for rid in ids:
+            router.send_multipart([rid, b"bye"])
+        for p in procs:
+            p.wait(30)
+        return statistics.median(walls[1:]) if len(walls) > 1 else None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        router.close(0)
+        ctx.term()
+
+
 def run_flower(python: str, configs: str, rounds: int, out: Path) -> dict[tuple[int, int], dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [python, str(FLOWER_DIR / "bench_flower.py"), "suite", "--configs", configs, "--rounds", str(rounds),
@@ -221,6 +292,11 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def floor_ratio(r: dict[str, Any]) -> str:
+    fl, got = r.get("floor_s"), r.get("round_s_median")
+    return "-" if not fl or not got else f"{got / fl:.1f}x"
+
+
 def _agent_cpu(r: dict[str, Any]) -> str:
     """Mean agent CPU per round: the agents' total over N (a /proc tick is 10 ms, so one
     agent's own figure over 20 rounds moves in 0.5 ms steps; the total does not)."""
@@ -231,8 +307,8 @@ def _agent_cpu(r: dict[str, Any]) -> str:
 def render(results: list[dict[str, Any]], flower: dict[tuple[int, int], dict[str, Any]]) -> str:
     head = ("| N | D | codec | CURVE | fedgate round ms (median) | min-max | period ms | server RSS MiB | "
             "agent RSS MiB (max) | CPU ms/round: agent (mean), server | Flower round ms | "
-            "Flower server RSS MiB | Flower/fedgate | status |")
-    rows = [head, "|" + "---|" * 14]
+            "Flower server RSS MiB | Flower/fedgate | bare pyzmq floor ms | fedgate/floor | status |")
+    rows = [head, "|" + "---|" * 16]
     for r in results:
         f = flower.get((r["n"], r["d"]), {})
         fl = f.get("round_wall_s_median")
@@ -243,7 +319,8 @@ def render(results: list[dict[str, Any]], flower: dict[tuple[int, int], dict[str
                     f"{mib(r.get('server_vm_hwm_kb'))} | {mib(r.get('agent_vm_hwm_kb_max'))} | "
                     f"{_agent_cpu(r)}, {_num(r.get('server_cpu_ms_per_round'))} | "
                     f"{ms(fl)} | "
-                    f"{mib(f.get('server_vm_hwm_kb'))} | {ratio} | {r['status']} |")
+                    f"{mib(f.get('server_vm_hwm_kb'))} | {ratio} | {ms(r.get('floor_s'))} | {floor_ratio(r)} | "
+                    f"{r['status']} |")
     return "\n".join(rows)
 
 
@@ -255,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=11, help="train rounds per point; the first is warm-up")
     ap.add_argument("--timeout", type=float, default=300.0, help="per point, seconds")
     ap.add_argument("--vs-flower", metavar="PYTHON", help="interpreter with flwr installed")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run the bare pyzmq exchange on each point (the least a Python + ZeroMQ design costs)")
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_CONFIGS}, 5 rounds, insecure only")
     ap.add_argument("--json", metavar="PATH", help="write all results here")
     ap.add_argument("--workdir", default=None)
@@ -280,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                               Path(args.agent_state_dir) if args.agent_state_dir else None, args.profile_agent,
                               args.profile_server)
                 r["agent_state"] = args.agent_state_dir or "disk"
+                if args.floor and not r["curve"]:
+                    r["floor_s"] = run_floor(n, d, codec, rounds)
                 print(json.dumps(r), flush=True)
                 results.append(r)
     flower: dict[tuple[int, int], dict[str, Any]] = {}
@@ -295,4 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "floor-agent":
+        floor_agent(int(sys.argv[2]), int(sys.argv[3]))
+        sys.exit(0)
     sys.exit(main())
