@@ -165,7 +165,9 @@ class ModelSpec:
                 raise ConfigError(f"a {kind.value} needs 1 or 2 hidden layers", key="hidden", value=list(self.hidden))
         elif self.hidden:
             raise ConfigError(f"a {kind.value} model has no hidden layers", key="hidden", value=list(self.hidden))
-        n_out = _int(self.n_outputs, "n_outputs", 1, MAX_WIDTH)
+        # an autoencoder's output layer is its input (up to MAX_FEATURES wide): the n_outputs
+        # it was given (to_dict writes n_features there) is checked as such, then replaced
+        n_out = _int(self.n_outputs, "n_outputs", 1, MAX_FEATURES if kind is ModelKind.AUTOENCODER else MAX_WIDTH)
         if kind is ModelKind.AUTOENCODER:
             n_out = self.n_features
         elif kind is ModelKind.LOGISTIC and n_out != 1:

@@ -153,6 +153,12 @@ _field_values = {
 }
 
 
+def test_a_wide_autoencoder_survives_its_own_round_trip():
+    spec = ModelSpec.from_dict({"kind": "autoencoder", "n_features": 4097, "hidden": [1]})
+    assert spec.n_outputs == 4097 and spec.to_dict()["n_outputs"] == 4097
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.fixed_dictionaries({}, optional=_field_values),
