@@ -310,6 +310,13 @@ class Uplink:
             base = max(base, 3 * float(self._welcome["heartbeat_s"]))
         return base
 
+    def _session_times(self) -> tuple[float, float]:
+        """(dead-server time, heartbeat) for the loop, which change only with a welcome; also
+        sets the CPU time under which a task runs on the link thread."""
+        heartbeat = self._heartbeat_s()
+        self._inline_max_s = min(_INLINE_MAX_S, heartbeat / 20)
+        return self._dead_after_s(), heartbeat
+
     def _backoff(self, attempt: int) -> float:
         """Exponential back-off with jitter: uniform in [d/2, d], d = base * 2**(attempt-1)."""
         d = min(self.cfg.reconnect_delay_max_s, self.cfg.reconnect_delay_s * 2.0 ** max(0, min(attempt - 1, 30)))
@@ -327,8 +334,7 @@ class Uplink:
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         wake_r = self._wake_r
-        dead_after, heartbeat = self._dead_after_s(), self._heartbeat_s()  # (change with a welcome)
-        self._inline_max_s = min(_INLINE_MAX_S, heartbeat / 20)
+        dead_after, heartbeat = self._session_times()
         while not self._stop_requested:
             now = time.monotonic()
             if not self._registered:
@@ -370,12 +376,9 @@ class Uplink:
                 last_rx = time.monotonic()
                 self._last_contact_ts = time.time()
                 outcome = self._dispatch(frames)
-                if not outcome:
-                    pass
-                elif outcome == "welcome":
+                if outcome == "welcome":
                     welcomed = True
-                    dead_after, heartbeat = self._dead_after_s(), self._heartbeat_s()
-                    self._inline_max_s = min(_INLINE_MAX_S, heartbeat / 20)
+                    dead_after, heartbeat = self._session_times()
                     next_hb = time.monotonic() + heartbeat
                 elif outcome == "refuse":
                     return welcomed, True

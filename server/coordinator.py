@@ -132,8 +132,8 @@ class Coordinator:
         self.quiet_acks: set[str] = set()    # agents that want no ack for an accepted result (hello)
         self.task_commits: set[str] = set()  # agents that take commit notices in their tasks (hello)
         self.durable = -1                    # last round whose checkpoint is on disk (announced)
-        self._owed: dict[str, float] = {}    # agent -> since when it is owed a commit notice
-        self._owed_since = math.inf          # the oldest of those times
+        self._owed: set[str] = set()         # agents owed a notice of the last durable round
+        self._owed_since = math.inf          # since when the oldest unpaid notice is owed
         self._round_logged: dict[str, float] = {}  # "started"/"committed" -> last logged at INFO
         self.eval_rows: list[tuple[str, int, str, int, dict[str, float]]] = []
         self.fatal: StoreError | None = None
@@ -304,7 +304,8 @@ class Coordinator:
                 members.add(name)
             else:
                 members.discard(name)
-        owed = self._owed.pop(name, None) is not None
+        owed = name in self._owed
+        self._forget_owed(name)
         self.history.upsert_agent(name, software=f["software"], n_samples=f["n_samples"], state="ready")
         self.metrics.agents_connected.set(self.registry.n_alive())
         log.info("agent %s registered (%s, %d samples)", name, f["software"], f["n_samples"])
@@ -537,7 +538,7 @@ class Coordinator:
         frames: list[Any] = [head] if op.kind is TaskKind.STATISTICS else [head, self._payload]
         sent = self.send(rid, frames)
         if sent and owed:
-            del self._owed[name]  # type: ignore[arg-type]
+            self._forget_owed(name)  # type: ignore[arg-type]
         agent = op.tasks.get(tid)
         if agent is not None:  # a task of the open round (evaluate tasks are not retried)
             if sent:
@@ -724,9 +725,9 @@ class Coordinator:
             if agent.name in soon:
                 if not self._owed:
                     self._owed_since = now
-                self._owed.setdefault(agent.name, now)
+                self._owed.add(agent.name)
             else:
-                self._owed.pop(agent.name, None)
+                self._forget_owed(agent.name)
                 self.send(agent.routing_id, committed)
         if op.kind is not TaskKind.TRAIN:
             return
@@ -747,12 +748,16 @@ class Coordinator:
         if not self._owed:
             return
         committed = encode(MsgType.COMMITTED, {"round": self.durable})
-        for name in [n for n in self._owed if n not in keep]:
-            del self._owed[name]
+        for name in self._owed - keep:
+            self._forget_owed(name)
             agent = self.registry.get(name)
             if agent is not None and agent.alive:
                 self.send(agent.routing_id, committed)
-        self._owed_since = min(self._owed.values(), default=math.inf)
+
+    def _forget_owed(self, name: str) -> None:
+        self._owed.discard(name)
+        if not self._owed:
+            self._owed_since = math.inf
 
     def _publish_model(self, op: OpenRound, alive: list[Any]) -> None:
         """Send ``model`` to the live agents that do not get this round's model with a task.
