@@ -12,14 +12,10 @@ the C library is not glibc. The ``MALLOC_ARENA_MAX`` / ``MALLOC_MMAP_THRESHOLD_`
 """
 from __future__ import annotations
 
-import logging
-
 from fedgate.core import heap
 from fedgate.core.heap import trim
 
 __all__ = ["tune", "trim", "keep_blocks"]
-
-log = logging.getLogger(__name__)
 
 _kept = 0  # the largest block size keep_blocks has made room for
 
@@ -32,11 +28,8 @@ def tune(*, arena_max: int = 1, mmap_threshold_bytes: int = 64 * 1024,
     allocate at the same time. Blocks of at least ``mmap_threshold_bytes`` (the
     feature blocks of a training round) are mapped and unmapped on free.
     """
-    ok = heap.apply({heap.M_ARENA_MAX: arena_max, heap.M_MMAP_THRESHOLD: mmap_threshold_bytes,
-                     heap.M_TRIM_THRESHOLD: trim_threshold_bytes})
-    if ok is False:
-        log.debug("mallopt refused a heap setting")
-    return ok is not None
+    return heap.apply({heap.M_ARENA_MAX: arena_max, heap.M_MMAP_THRESHOLD: mmap_threshold_bytes,
+                       heap.M_TRIM_THRESHOLD: trim_threshold_bytes}) is not None
 
 
 def keep_blocks(nbytes: int) -> bool:
@@ -58,6 +51,4 @@ def keep_blocks(nbytes: int) -> bool:
     if ok is None:
         return False
     _kept = want
-    if not ok:
-        log.debug("mallopt refused the thresholds for %d-byte blocks", want)
-    return ok
+    return ok  # (a refused value is logged by fedgate.core.heap)

@@ -18,7 +18,8 @@ Durability, precisely (WAL mode, ``synchronous=NORMAL`` on the outbox's connecti
   meanwhile: one pass right after a result, and at most one per 0.5 s (rounds that
   come faster share a pass: each pass wakes a thread that, on a busy gateway, also
   competes for the interpreter), off the send path. Only results written in the last
-  moments before a power cut (at most ~0.5 s when rounds come that fast) can be lost; such a result was at most just sent, and the server, which
+  moments before a power cut (at most ~0.5 s when rounds come that fast) can be lost;
+  such a result was at most just sent, and the server, which
   never counts a task twice and re-issues nothing it did not aggregate, closes the
   round without it (as for an agent that died mid-round). :meth:`Outbox.sync` hardens
   on demand and :meth:`Outbox.close` always does.

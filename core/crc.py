@@ -13,9 +13,7 @@ from __future__ import annotations
 
 try:
     from isal.isal_zlib import crc32
-    ACCELERATED = True
 except ImportError:  # pragma: no cover - isal is a dependency; a platform without its wheel falls back
     from zlib import crc32
-    ACCELERATED = False
 
-__all__ = ["crc32", "ACCELERATED"]
+__all__ = ["crc32"]

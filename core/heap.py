@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 from typing import Any
 
@@ -25,6 +26,7 @@ ENV = {M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", M_MMAP_THRESHOLD: "MALLOC_MMA
        M_ARENA_MAX: "MALLOC_ARENA_MAX"}
 
 _libc: Any = None
+log = logging.getLogger(__name__)
 
 
 def _glibc() -> Any:
@@ -50,6 +52,7 @@ def apply(settings: dict[int, int]) -> bool | None:
     ok = True
     for param, value in settings.items():
         if ENV[param] not in os.environ and not libc.mallopt(param, int(value)):
+            log.debug("mallopt(%d, %d) refused", param, value)
             ok = False
     return ok
 

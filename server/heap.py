@@ -13,13 +13,9 @@ are gone. A no-op where the C library is not glibc; the ``MALLOC_MMAP_THRESHOLD_
 """
 from __future__ import annotations
 
-import logging
-
 from fedgate.core import heap
 
 __all__ = ["tune"]
-
-log = logging.getLogger(__name__)
 
 
 def tune(*, mmap_threshold_bytes: int = heap.MMAP_THRESHOLD_MAX, trim_threshold_bytes: int = 256 * 2**20,
@@ -28,8 +24,5 @@ def tune(*, mmap_threshold_bytes: int = heap.MMAP_THRESHOLD_MAX, trim_threshold_
     ``trim_threshold_bytes`` of free heap resident, and use ``arena_max`` heap arenas
     (one: a frame the I/O thread receives reuses the memory the round loop freed, so the
     peak is that of the sum, not the sum of per-thread peaks); True if applied."""
-    ok = heap.apply({heap.M_MMAP_THRESHOLD: min(mmap_threshold_bytes, heap.MMAP_THRESHOLD_MAX),
-                     heap.M_TRIM_THRESHOLD: trim_threshold_bytes, heap.M_ARENA_MAX: arena_max})
-    if ok is False:
-        log.debug("mallopt refused a heap setting")
-    return bool(ok)
+    return bool(heap.apply({heap.M_MMAP_THRESHOLD: min(mmap_threshold_bytes, heap.MMAP_THRESHOLD_MAX),
+                            heap.M_TRIM_THRESHOLD: trim_threshold_bytes, heap.M_ARENA_MAX: arena_max}))

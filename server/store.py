@@ -22,6 +22,8 @@ participation and rejections.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,8 +31,6 @@ import math
 import os
 import re
 import sqlite3
-import collections
-import contextlib
 import struct
 import threading
 import time
