@@ -153,6 +153,7 @@ def drive(port: int, n: int, d: int, codec_name: str, rounds: int, min_s: float,
     """Connect n fake agents, answer every train task at once; measure from round 2 on, for at
     least ``rounds`` rounds and ``min_s`` seconds (CPU times come in 10 ms ticks)."""
     ctx = zmq.Context()
+    ctx.max_sockets = max(ctx.max_sockets, n + 16)  # libzmq's default is 1023 sockets per context
     socks = []
     rng = np.random.default_rng(0)
     try:
