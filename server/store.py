@@ -12,8 +12,9 @@ Checkpoint file format (``ckpt-<seq>.fgc``, no pickle)::
     offset 12+H          body: the arrays' raw little-endian bytes, back to back
     last 32 bytes        SHA-256 of everything before it
 
-Written to a temp file, fsynced, renamed over, directory fsynced; the last N are
-kept. :meth:`CheckpointStore.load_latest` verifies size, digest and every header
+Written to a temp file, fdatasynced, renamed over, directory fsynced; the last N are
+kept. The oldest one dropped is kept aside as ``.spare.fgc`` and becomes the next temp
+file (its blocks and cached pages are written over instead of allocated anew). :meth:`CheckpointStore.load_latest` verifies size, digest and every header
 field; a corrupt newest file is reported and the previous one is used.
 
 The history (``history.db``, WAL) holds rounds, per-agent metrics, the issued task
@@ -52,6 +53,8 @@ MAGIC = b"FGCKPT01"
 _MAX_HEADER = 1 << 20
 _DTYPES = {"<f4": np.float32, "<f8": np.float64}
 _NAME_RE = re.compile(r"ckpt-(\d{10})\.fgc\Z")
+_SPARE = ".spare.fgc"   # an old checkpoint kept aside as the next one's file (never read)
+_IOV_MAX = 1024
 
 
 @dataclass
@@ -78,8 +81,15 @@ class Checkpoint:
     created: float = 0.0
 
 
-def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
-    """Write ``ckpt`` atomically (temp file, fsync, rename, directory fsync)."""
+def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint, *,
+                     spare: str | os.PathLike[str] | None = None) -> None:
+    """Write ``ckpt`` atomically (temp file, fdatasync, rename, directory fsync).
+
+    ``spare``: a file that is no longer a checkpoint (an old one moved aside) to write
+    into instead of a new temp file: its blocks and cached pages are reused, which spares
+    the file system an inode and block allocation per checkpoint. It is renamed to the
+    temp name first, so a crash never leaves a half-written file under a checkpoint name.
+    """
     path = Path(path)
     arrays = []
     offset = 0
@@ -99,16 +109,30 @@ def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     }, allow_nan=False, separators=(",", ":")).encode("utf-8")
     if len(header) > _MAX_HEADER:
         raise StoreError(f"checkpoint header of {len(header)} bytes is too large")
+    chunks: list[bytes | memoryview] = [MAGIC, struct.pack("<I", len(header)), header, *blobs]
     digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    chunks.append(digest.digest())
+    size = sum(len(c) for c in chunks)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            for chunk in (MAGIC, struct.pack("<I", len(header)), header, *blobs):
-                fh.write(chunk)
-                digest.update(chunk)
-            fh.write(digest.digest())
-            fh.flush()
-            os.fsync(fh.fileno())
+        fd = -1
+        if spare is not None:
+            try:
+                os.replace(spare, tmp)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                fd = -1  # gone or unusable: write a new file
+        if fd < 0:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, chunks, size)
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+            os.fdatasync(fd)  # data and size; the file times need no sync
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -121,6 +145,23 @@ def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
         except OSError:
             pass
         raise StoreError(f"{path}: cannot write checkpoint: {exc.strerror}") from exc
+
+
+def _write_all(fd: int, chunks: list[bytes | memoryview], size: int) -> None:
+    """Write ``chunks`` from offset 0 (``pwritev``, resumed after a short write)."""
+    done = 0
+    while done < size:
+        skip, todo = done, []
+        for c in chunks:  # the part of the chunks not yet written
+            if skip >= len(c):
+                skip -= len(c)
+                continue
+            todo.append(memoryview(c)[skip:] if skip else c)
+            skip = 0
+        n = os.pwritev(fd, todo[:_IOV_MAX], done)
+        if n <= 0:
+            raise OSError(5, "short write")
+        done += n
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -188,6 +229,7 @@ class CheckpointStore:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{self.dir}: cannot create checkpoint directory: {exc.strerror}") from exc
+        self._spare = (self.dir / _SPARE).is_file()  # an old checkpoint's file, to be written over
 
     def files(self) -> list[Path]:
         """Checkpoint files, oldest first."""
@@ -203,13 +245,24 @@ class CheckpointStore:
         return [p for _, p in sorted(found)]
 
     def save(self, ckpt: Checkpoint) -> Path:
+        """Write ``ckpt`` as the newest checkpoint, then drop those past the last ``keep``.
+
+        The first one dropped becomes the spare file the next checkpoint is written into.
+        """
         files = self.files()
         seq = int(_NAME_RE.match(files[-1].name).group(1)) + 1 if files else 1  # type: ignore[union-attr]
         path = self.dir / f"ckpt-{seq:010d}.fgc"
-        write_checkpoint(path, ckpt)
-        for old in self.files()[: -self.keep]:
+        spare = self.dir / _SPARE
+        write_checkpoint(path, ckpt, spare=spare if self._spare else None)
+        self._spare = False  # consumed (or, if it could not be used, replaced by a new file)
+        files.append(path)
+        for old in files[: -self.keep]:
             try:
-                old.unlink()
+                if self._spare:
+                    old.unlink()
+                else:
+                    os.replace(old, spare)
+                    self._spare = True
             except OSError as exc:
                 log.warning("cannot remove old checkpoint %s: %s", old, exc.strerror)
         return path

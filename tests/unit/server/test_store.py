@@ -40,6 +40,54 @@ def test_only_last_n_are_kept(tmp_path):
     assert [read_checkpoint(p).round for p in files] == [3, 4]
 
 
+def test_dropped_checkpoint_is_the_next_ones_file(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save(_ckpt(0, dim=50))
+    store.save(_ckpt(1, dim=50))
+    oldest = store.files()[0]
+    inode = oldest.stat().st_ino
+    store.save(_ckpt(2, dim=50))  # round 0 is dropped: its file is kept aside, not unlinked
+    spare = tmp_path / ".spare.fgc"
+    assert spare.stat().st_ino == inode
+    newest = store.save(_ckpt(3, dim=7))  # written into it (a smaller one: the file is cut to size)
+    assert newest.stat().st_ino == inode
+    assert [read_checkpoint(p).round for p in store.files()] == [2, 3]
+    np.testing.assert_array_equal(read_checkpoint(newest).arrays["params"], _ckpt(3, dim=7).arrays["params"])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".spare.fgc", *(p.name for p in store.files())], names
+
+
+def test_spare_survives_a_restart_and_a_missing_spare_is_not_an_error(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    for r in range(3):
+        store.save(_ckpt(r))
+    again = CheckpointStore(tmp_path, keep=1)  # a restarted server finds the spare
+    inode = (tmp_path / ".spare.fgc").stat().st_ino
+    assert again.save(_ckpt(3)).stat().st_ino == inode
+    assert read_checkpoint(again.files()[-1]).round == 3
+    (tmp_path / ".spare.fgc").unlink()  # an operator removed it: a new file is written
+    again._spare = True
+    path = again.save(_ckpt(4))
+    assert read_checkpoint(path).round == 4 and again.load_latest()[0].round == 4
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_half_written_spare_is_never_taken_for_a_checkpoint(tmp_path):
+    # a crash while the spare is being written leaves it under its temp name; the
+    # checkpoints kept are all whole, and the next save writes a new temp file over it
+    store = CheckpointStore(tmp_path, keep=2)
+    for r in range(3):
+        store.save(_ckpt(r))
+    path = tmp_path / "ckpt-0000000004.fgc"
+    (tmp_path / ".spare.fgc").replace(tmp_path / f".{path.name}.tmp")
+    (tmp_path / f".{path.name}.tmp").write_bytes(b"FGCKPT01 half")
+    fresh = CheckpointStore(tmp_path, keep=2)
+    ck, _ = fresh.load_latest()
+    assert ck.round == 2 and fresh.fallbacks == 0
+    assert read_checkpoint(fresh.save(_ckpt(3))).round == 3
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage"])
 def test_corrupt_newest_falls_back_to_previous(tmp_path, damage, caplog):
     store = CheckpointStore(tmp_path, keep=5)
