@@ -119,6 +119,7 @@ class ServerConfig:
     federation: FederationSection
     strategy: StrategySection = field(default_factory=StrategySection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    relay: Any = None  # fedgate.server.relay.RelaySection when this server is a relay
     path: str = ""
 
 
@@ -131,12 +132,15 @@ def _resolve(base: str, path: str) -> str:
 
 def parse_config(doc: dict[str, Any], *, file: str = "<config>", base_dir: str = ".") -> ServerConfig:
     """Build a :class:`ServerConfig` from a parsed TOML document."""
-    check_keys(doc, ("server", "federation", "strategy", "privacy"), file=file, key="")
+    check_keys(doc, ("server", "federation", "strategy", "privacy", "relay"), file=file, key="")
     for section in ("server", "federation"):
         if section not in doc:
             raise ConfigError("missing required section", file=file, key=section)
     server = build(ServerSection, doc["server"], file=file, key="server")
-    fed = build(FederationSection, doc["federation"], file=file, key="federation")
+    fed_table = doc["federation"]
+    if "relay" in doc and isinstance(fed_table, dict):  # a relay runs what headquarters sends
+        fed_table = {"rounds": 0, **fed_table}
+    fed = build(FederationSection, fed_table, file=file, key="federation")
     strategy = build(StrategySection, doc.get("strategy", {}), file=file, key="strategy")
     privacy = build(PrivacySection, doc.get("privacy", {}), file=file, key="privacy")
     server = replace(
@@ -174,7 +178,29 @@ def parse_config(doc: dict[str, Any], *, file: str = "<config>", base_dir: str =
     if strategy.name is StrategyName.TRIMMED_MEAN and fed.min_agents < 3 and strategy.trim_beta > 0:
         raise ConfigError("trimmed_mean needs min_agents >= 3", file=file, key="federation.min_agents",
                           value=fed.min_agents)
-    return ServerConfig(server=server, federation=fed, strategy=strategy, privacy=privacy, path=file)
+    relay = None
+    if "relay" in doc:
+        relay = _relay_section(doc["relay"], strategy, privacy, file=file, base_dir=base_dir)
+    return ServerConfig(server=server, federation=fed, strategy=strategy, privacy=privacy, relay=relay,
+                        path=file)
+
+
+_RELAY_STRATEGIES = (StrategyName.FEDAVG, StrategyName.FEDPROX, StrategyName.MEDIAN, StrategyName.TRIMMED_MEAN,
+                     StrategyName.KRUM, StrategyName.MULTIKRUM, StrategyName.BULYAN)
+
+
+def _relay_section(table: Any, strategy: StrategySection, privacy: PrivacySection, *, file: str,
+                   base_dir: str) -> Any:
+    """The ``[relay]`` section (built by :mod:`fedgate.server.relay`, loaded only for a relay)."""
+    if privacy.enabled:
+        raise ConfigError("a relay adds no noise (headquarters does, once); set it to 0 or remove [privacy]",
+                          file=file, key="privacy.noise_multiplier", value=privacy.noise_multiplier)
+    if strategy.name not in _RELAY_STRATEGIES:
+        raise ConfigError(f"a relay combines with {', '.join(s.value for s in _RELAY_STRATEGIES)}; server "
+                          "optimizers run at headquarters", file=file, key="strategy.name", value=strategy.name.value)
+    from fedgate.server.relay import parse_relay_section  # the uplink is loaded for a relay only
+
+    return parse_relay_section(table, file=file, base_dir=base_dir)
 
 
 def _check_codec_params(fed: FederationSection, file: str) -> None:

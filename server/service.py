@@ -53,6 +53,7 @@ class Server:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.transport: Transport | None = None
+        self.relay: Any = None  # fedgate.server.relay.Relay when cfg.relay is set
         self.history = History(os.path.join(s.data_dir, "history.db"))
         try:
             model = load_model_spec(cfg.federation.model, seed=cfg.federation.seed, file=cfg.path)
@@ -63,9 +64,16 @@ class Server:
                                        handshake_timeout_s=s.handshake_timeout_s, heartbeat_s=s.heartbeat_s,
                                        dead_after_s=s.dead_after_s, linger_s=s.linger_s),
                 on_event=self._on_transport_event)
-            self.coordinator = Coordinator(cfg, model, self.transport.send, history=self.history,
-                                           checkpoints=checkpoints, metrics=self.metrics,
-                                           population=self._population)
+            coordinator_cls: type[Coordinator] = Coordinator
+            if cfg.relay is not None:  # lazily: a plain server never loads the relay (nor agent code)
+                from fedgate.server.relay_coordinator import RelayCoordinator as coordinator_cls
+            self.coordinator = coordinator_cls(cfg, model, self.transport.send, history=self.history,
+                                               checkpoints=checkpoints, metrics=self.metrics,
+                                               population=self._population)
+            if cfg.relay is not None:
+                from fedgate.server.relay import Relay
+
+                self.relay = Relay(cfg, self.coordinator, self.metrics, self.transport.poller)
             self.metrics_port: int | None = None
             if serve_metrics and s.metrics:
                 self.metrics_port = self.metrics.serve(s.metrics)
@@ -138,6 +146,10 @@ class Server:
         next_tick = 0.0
         systemd.ready(f"serving {self.cfg.federation.name} on {self.endpoint}")
         log.info("federation %s ready on %s", self.cfg.federation.name, self.endpoint)
+        relay = self.relay
+        if relay is not None:
+            log.info("relay %s: upstream %s", self.cfg.relay.name, self.cfg.relay.uplink.server)
+            relay.start()
         try:
             while not self._stop.is_set():
                 op = self.coordinator.open
@@ -150,6 +162,8 @@ class Server:
                     except FedgateError as exc:
                         log.error("message from %s not handled: %s", m.user_id or m.routing_id.hex(), exc)
                     del m  # release the frames before the next message is received
+                if relay is not None:
+                    relay.pump()
                 now = time.monotonic()
                 if now >= next_tick or self.coordinator.open is None or self.coordinator.committing:
                     try:
@@ -168,6 +182,8 @@ class Server:
                     next_ping = now + watchdog_s
         finally:
             systemd.stopping()
+            if relay is not None:
+                relay.stop()
             self.coordinator.close()
             log.info("stopping (last committed round %d)", self.coordinator.committed)
 
@@ -184,6 +200,9 @@ class Server:
         """Release sockets, threads and files (idempotent)."""
         if hasattr(self, "coordinator"):
             self.coordinator.close()
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
         if self.transport is not None:
             self.transport.close()
             self.transport = None

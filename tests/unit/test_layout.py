@@ -23,6 +23,12 @@ ALLOWED = {
     "agent": {"numpy", "zmq", "prometheus_client", "fedgate.core", "fedgate.drivers", "fedgate.agent"},
 }
 
+# The one exception to "server never imports agent": a relay is a server and also a client of
+# headquarters, and re-writing the agent's uplink (reconnects, CURVE client, durable outbox)
+# inside the server would be worse. Only server/relay.py, only these modules (they pull no
+# drivers); the service and the config load it lazily, so a plain server never loads agent code.
+EXCEPTIONS = {"server/relay.py": {"fedgate.agent.uplink", "fedgate.agent.uplink_types"}}
+
 _PYX_IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+c?import|c?import\s+([\w.]+))", re.M)
 
 
@@ -61,6 +67,8 @@ def test_imports_follow_design_rules(pkg):
                 bad.append(f"{path.relative_to(ROOT)}:{line}: relative import (use fedgate.{pkg}...)")
             elif module.split(".")[0] in PACKAGES:
                 bad.append(f"{path.relative_to(ROOT)}:{line}: bare '{module}' (import fedgate.{module})")
+            elif module in EXCEPTIONS.get(path.relative_to(ROOT).as_posix(), ()):
+                continue
             elif not _allowed(pkg, module):
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {pkg} may not import {module}")
     assert not bad, "\n".join(bad)
@@ -75,6 +83,30 @@ def test_errors_and_units_load_no_compiled_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_relay_loads_no_drivers_and_a_plain_server_no_agent_code():
+    code = (
+        "import sys\n"
+        "import fedgate.server.service, fedgate.server.cli, fedgate.server.config\n"
+        "plain = sorted(n for n in sys.modules if n.startswith('fedgate.agent') or n == 'fedgate.server.relay')\n"
+        "import fedgate.server.relay\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('pymodbus', 'serial')"
+        " or n.startswith('fedgate.drivers'))\n"
+        "agent = sorted(n for n in sys.modules if n.startswith('fedgate.agent'))\n"
+        "print(','.join(plain)); print(','.join(bad)); print(','.join(agent))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    plain, bad, agent = out.stdout.split("\n")[:3]
+    assert plain == "", f"a plain server loaded {plain}"
+    assert bad == "", f"fedgate.server.relay loaded {bad}"
+    assert "fedgate.agent.uplink" in agent.split(",")
+
+
+def test_only_the_relay_imports_the_agent():
+    importers = [path.relative_to(ROOT).as_posix() for path in sorted((ROOT / "server").rglob("*.py"))
+                 if any(m.startswith("fedgate.agent") for _, m in _imports(path))]
+    assert importers == ["server/relay.py"]
 
 
 def _public_modules() -> list[str]:

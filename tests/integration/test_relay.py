@@ -1,0 +1,242 @@
+"""The relay tier on 127.0.0.1: headquarters, relays and gateways as real processes.
+
+Headquarters and each relay are ``fedgate-server run --config`` subprocesses; every
+gateway is a ``tests/fedtools.py`` agent (the real uplink, seeded synthetic data).
+CURVE keys everywhere: the relays' public keys sit in headquarters' ``agents_dir``,
+each relay's gateways' keys in that relay's own ``agents_dir``.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fedtools  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+N_FEATURES = 4
+FEATURES = [f"f{i}" for i in range(N_FEATURES)]
+# five gateways: two behind each relay, one straight at headquarters
+LAYOUT = {"relay-a": ["gw-1", "gw-2"], "relay-b": ["gw-3", "gw-4"], None: ["gw-5"]}
+GATEWAYS = ["gw-1", "gw-2", "gw-3", "gw-4", "gw-5"]
+
+
+def _fed_table(rounds: int, min_agents: int, *, evaluate: bool, relay: bool) -> dict[str, Any]:
+    fed: dict[str, Any] = {
+        "name": "plant", "model": {"kind": "linear", "n_features": N_FEATURES}, "features": FEATURES,
+        "label": "y", "min_agents": min_agents, "fraction": 1.0, "round_timeout": "20s" if not relay else "15s",
+        "local_epochs": 1, "batch_size": 16, "lr": 0.05, "codec": "f32", "seed": 3,
+    }
+    if not relay:
+        fed.update(rounds=rounds, evaluate=evaluate, statistics=True)
+    return fed
+
+
+class Tier:
+    """Headquarters, its relays and gateways in ``root`` (``flat``: all gateways at headquarters)."""
+
+    def __init__(self, root: Path, *, rounds: int, flat: bool = False, evaluate: bool = True,
+                 relay_fed: dict[str, dict[str, Any]] | None = None) -> None:
+        self.root = root
+        self.rounds = rounds
+        self.flat = flat
+        direct = GATEWAYS if flat else [*[r for r in LAYOUT if r], *LAYOUT[None]]
+        self.hq_keys = fedtools.make_keys(root / "hq", "hq", direct)
+        self.hq_endpoint = f"tcp://127.0.0.1:{fedtools.free_port()}"
+        self.hq_dir = root / "hq" / "data"
+        self.hq_config = fedtools.write_toml(root / "hq.toml", {
+            "server": self._server_table(self.hq_endpoint, self.hq_dir, self.hq_keys),
+            "federation": _fed_table(rounds, len(direct), evaluate=evaluate, relay=False),
+            "strategy": {"name": "fedavg"}})
+        self.relays: dict[str, dict[str, Any]] = {}
+        if not flat:
+            for name in (r for r in LAYOUT if r):
+                keys = fedtools.make_keys(root / name, f"{name}-server", LAYOUT[name])
+                endpoint = f"tcp://127.0.0.1:{fedtools.free_port()}"
+                fed = _fed_table(rounds, len(LAYOUT[name]), evaluate=evaluate, relay=True)
+                fed.update((relay_fed or {}).get(name, {}))
+                config = fedtools.write_toml(root / f"{name}.toml", {
+                    "server": self._server_table(endpoint, root / name / "data", keys),
+                    "federation": fed, "strategy": {"name": "fedavg"},
+                    "relay": {"name": name, "server": self.hq_endpoint,
+                              "server_key": str(self.hq_keys["server_public"]),
+                              "secret_key": str(self.hq_keys["keys_dir"] / f"{name}.key_secret"),
+                              "heartbeat": "300ms", "dead_after": "1500ms", "hello_timeout": "2s",
+                              "reconnect_delay": "100ms", "reconnect_delay_max": "1s"}})
+                self.relays[name] = {"keys": keys, "endpoint": endpoint, "config": config,
+                                     "data": root / name / "data"}
+        self.procs: dict[str, Any] = {}
+        self.all_procs: list[Any] = []
+
+    @staticmethod
+    def _server_table(endpoint: str, data: Path, keys: dict[str, Path]) -> dict[str, Any]:
+        return {"bind": endpoint, "data_dir": str(data), "metrics": "", "heartbeat": "300ms",
+                "dead_after": "2s", "handshake_timeout": "2s", "secret_key": str(keys["server_secret"]),
+                "agents_dir": str(keys["agents_dir"])}
+
+    # -- processes ----------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        proc = fedtools.spawn(cmd, self.root / f"{name}.log")
+        self.procs[name] = proc
+        self.all_procs.append(proc)
+
+    def start_hq(self) -> None:
+        self._spawn("hq", fedtools.server_command(self.hq_config))
+
+    def start_relay(self, name: str) -> None:
+        self._spawn(name, fedtools.server_command(self.relays[name]["config"]))
+
+    def start_gateway(self, gw: str, *, train_delay_s: float = 0.0) -> None:
+        relay = None if self.flat else next(r for r, gws in LAYOUT.items() if gw in gws)
+        if relay is None:
+            endpoint, keys = self.hq_endpoint, self.hq_keys
+        else:
+            endpoint, keys = self.relays[relay]["endpoint"], self.relays[relay]["keys"]
+        cmd = fedtools.agent_command(
+            gw, server=endpoint, db=self.root / f"{gw}.db", keys=keys, seed=11 + GATEWAYS.index(gw),
+            n_samples=150, n_features=N_FEATURES, model_out=self.root / f"{gw}.model.npy",
+            report=self.root / f"{gw}.report.json", heartbeat="300ms", dead_after="1500ms",
+            train_delay_s=train_delay_s)
+        self._spawn(gw, cmd)
+
+    def start_all(self, **delays: float) -> None:
+        self.start_hq()
+        for name in self.relays:
+            self.start_relay(name)
+        for gw in GATEWAYS:
+            self.start_gateway(gw, train_delay_s=delays.get(gw.replace("-", "_"), 0.0))
+
+    def shutdown(self) -> None:
+        for gw in GATEWAYS:
+            if gw in self.procs:
+                fedtools.stop(self.procs[gw])
+        for name in [*self.relays, "hq"]:
+            if name in self.procs:
+                fedtools.stop(self.procs[name])
+
+    def log(self, name: str) -> str:
+        p = self.root / f"{name}.log"
+        return p.read_text(errors="replace")[-4000:] if p.exists() else ""
+
+    def assert_alive(self) -> None:
+        for name in ["hq", *self.relays]:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None and proc.returncode != -9:
+                raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
+
+    # -- history ----------------------------------------------------------------------
+    def query(self, sql: str, args: tuple[Any, ...] = (), data: Path | None = None) -> list[tuple[Any, ...]]:
+        path = (data or self.hq_dir) / "history.db"
+        if not path.exists():
+            return []
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+            try:
+                return db.execute(sql, args).fetchall()
+            finally:
+                db.close()
+        except sqlite3.OperationalError:
+            return []
+
+    def train_rounds_done(self) -> int:
+        rows = self.query("SELECT COUNT(*) FROM rounds WHERE kind = 'train' AND finished IS NOT NULL")
+        return int(rows[0][0]) if rows else 0
+
+    def wait(self, cond: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            self.assert_alive()
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n} ---\n{self.log(n)}" for n in ["hq", *self.relays])
+                raise AssertionError(f"timed out waiting for {what}\n{logs}")
+            time.sleep(0.05)
+
+    def checkpoint(self, data: Path, round_: int) -> Any:
+        from fedgate.server.store import CheckpointStore
+
+        store = CheckpointStore(data / "checkpoints")
+        found: dict[str, Any] = {}
+
+        def ready() -> bool:
+            ckpt, _ = store.load_latest()
+            if ckpt is not None and ckpt.phase == "train" and ckpt.round >= round_:
+                found["ckpt"] = ckpt
+            return "ckpt" in found
+
+        self.wait(ready, f"the checkpoint of round {round_} in {data}", timeout_s=30)
+        return found["ckpt"]
+
+
+@pytest.fixture
+def tiers(tmp_path: Path) -> Iterator[Callable[..., Tier]]:
+    made: list[Tier] = []
+
+    def make(name: str, **kw: Any) -> Tier:
+        root = tmp_path / name
+        root.mkdir()
+        tier = Tier(root, **kw)
+        made.append(tier)
+        return tier
+
+    yield make
+    for tier in made:
+        tier.shutdown()
+    for tier in made:
+        for proc in tier.all_procs:
+            if proc.poll() is None:
+                fedtools.kill9(proc)
+    leftover = [p.pid for t in made for p in t.all_procs if p.poll() is None]
+    children = psutil.Process().children(recursive=True)
+    assert not leftover and not children, f"processes left behind: {leftover} {children}"
+
+
+def _run(tier: Tier, **delays: float) -> Any:
+    tier.start_all(**delays)
+    tier.wait(lambda: tier.train_rounds_done() >= tier.rounds, f"{tier.rounds} train rounds", timeout_s=120)
+    return tier.checkpoint(tier.hq_dir, tier.rounds)
+
+
+# ------------------------------------------------------------------ tests
+
+def test_two_relays_and_a_direct_gateway_equal_the_flat_federation(tiers):
+    rounds = 4
+    flat = tiers("flat", rounds=rounds, flat=True)
+    want = _run(flat)
+    flat.shutdown()
+
+    tier = tiers("tier", rounds=rounds)
+    got = _run(tier)
+    np.testing.assert_allclose(got.arrays["params"], want.arrays["params"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.arrays["scaler_mean"], want.arrays["scaler_mean"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.arrays["scaler_std"], want.arrays["scaler_std"], rtol=1e-6, atol=1e-7)
+    # headquarters saw three agents each round: one accepted result per relay (and gw-5) per round
+    rows = tier.query("SELECT round, agent, COUNT(*) FROM tasks WHERE kind = 'train' AND status = 'accepted' "
+                      "GROUP BY round, agent")
+    assert sorted(rows) == sorted((r, a, 1) for r in range(1, rounds + 1) for a in ("gw-5", "relay-a", "relay-b"))
+    # a relay's weight is its gateways' samples
+    n = tier.query("SELECT n_samples FROM agent_metrics WHERE kind = 'train' AND agent = 'relay-a' AND round = 1")
+    assert n == [(300,)]
+    # each relay ran the local rounds and checkpointed headquarters' model once committed
+    for name, relay in tier.relays.items():
+        local = tier.query("SELECT round, n_accepted FROM rounds WHERE kind = 'train' ORDER BY round",
+                           data=relay["data"])
+        assert local == [(r, 2) for r in range(1, rounds + 1)], name
+        ckpt = tier.checkpoint(relay["data"], rounds)
+        np.testing.assert_array_equal(ckpt.arrays["params"], got.arrays["params"])
+    # the gateways behind a relay predict with headquarters' model
+    tier.wait(lambda: all((tier.root / f"{gw}.model.round").exists()
+                          and int((tier.root / f"{gw}.model.round").read_text()) == rounds for gw in GATEWAYS),
+              "gateways to hold the final model", timeout_s=30)
+    for gw in GATEWAYS:
+        np.testing.assert_array_equal(np.load(tier.root / f"{gw}.model.npy"), got.arrays["params"])
