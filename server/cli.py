@@ -7,7 +7,8 @@
     certificate format; copy an agent's ``.key`` into the server's ``agents_dir``.
 ``status --config server.toml [--json]``
     Rounds, agents, last metrics, rejections and privacy spent, from the history and
-    the newest checkpoint (works while the daemon runs).
+    the newest checkpoint (works while the daemon runs). On a relay, also its upstream
+    (headquarters' endpoint, link state, last round headquarters committed).
 ``export --config server.toml --out DIR``
     The global model as ``DIR/model.json`` (spec, features, label, scaler, round,
     SHA-256 of the parameters) and ``DIR/model.f32`` (the flat parameter vector,
@@ -153,7 +154,22 @@ def status_report(config: str) -> dict[str, Any]:
     report["privacy"] = {"enabled": cfg.privacy.enabled, "delta": cfg.privacy.delta,
                          "noise_multiplier": cfg.privacy.noise_multiplier,
                          "epsilon": eps if cfg.privacy.enabled else None}
+    report["relay"] = None if cfg.relay is None else _relay_report(cfg)
     return report
+
+
+def _relay_report(cfg: Any) -> dict[str, Any]:
+    """A relay's upstream side, from the state file the daemon rewrites about once a second."""
+    from fedgate.server.relay import read_state
+
+    state = read_state(cfg.server.data_dir) or {}
+    if not state:
+        upstream_state = "unknown"
+    elif state.get("refused"):
+        upstream_state = "refused"
+    else:
+        upstream_state = "connected" if state.get("connected") else "disconnected"
+    return {**state, "name": cfg.relay.name, "upstream": cfg.relay.uplink.server, "upstream_state": upstream_state}
 
 
 def _status(config: str, as_json: bool) -> int:
@@ -162,7 +178,18 @@ def _status(config: str, as_json: bool) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
     ck = report["checkpoint"]
-    lines = [f"federation {report['federation']} ({report['strategy']}): "
+    relay = report["relay"]
+    lines = [] if relay is None else [
+        f"relay {relay['name']} -> headquarters {relay['upstream']}: {relay['upstream_state']}"
+        + ("" if relay.get("upstream_committed_round") is None
+           else f", headquarters committed round {relay['upstream_committed_round']}")
+        + (f", {relay['outbox']} results kept for headquarters" if relay.get("outbox") else "")
+        + (f", serving {relay['serving']['kind']} round {relay['serving']['round']}" if relay.get("serving") else ""),
+    ]
+    if relay is not None and relay.get("refused"):
+        ref = relay["refused"]
+        lines.append(f"  refused by headquarters ({ref.get('code')}): {ref.get('message')}")
+    lines += [f"federation {report['federation']} ({report['strategy']}): "
              f"{report['train_rounds']} of {report['rounds_planned']} train rounds committed",
              "checkpoint: " + ("none" if ck is None else f"round {ck['round']} ({ck['phase']}) {ck['path']}")]
     if report["last_train_metrics"]:

@@ -47,7 +47,7 @@ class Tier:
     """Headquarters, its relays and gateways in ``root`` (``flat``: all gateways at headquarters)."""
 
     def __init__(self, root: Path, *, rounds: int, flat: bool = False, evaluate: bool = True,
-                 relay_fed: dict[str, dict[str, Any]] | None = None) -> None:
+                 relay_fed: dict[str, dict[str, Any]] | None = None, hq_fed: dict[str, Any] | None = None) -> None:
         self.root = root
         self.rounds = rounds
         self.flat = flat
@@ -57,7 +57,7 @@ class Tier:
         self.hq_dir = root / "hq" / "data"
         self.hq_config = fedtools.write_toml(root / "hq.toml", {
             "server": self._server_table(self.hq_endpoint, self.hq_dir, self.hq_keys),
-            "federation": _fed_table(rounds, len(direct), evaluate=evaluate, relay=False),
+            "federation": {**_fed_table(rounds, len(direct), evaluate=evaluate, relay=False), **(hq_fed or {})},
             "strategy": {"name": "fedavg"}})
         self.relays: dict[str, dict[str, Any]] = {}
         if not flat:
@@ -240,3 +240,100 @@ def test_two_relays_and_a_direct_gateway_equal_the_flat_federation(tiers):
               "gateways to hold the final model", timeout_s=30)
     for gw in GATEWAYS:
         np.testing.assert_array_equal(np.load(tier.root / f"{gw}.model.npy"), got.arrays["params"])
+
+
+def _local_outbox_rounds(tier: Tier, gw: str) -> list[int]:
+    path = tier.root / f"{gw}.db"
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return [r for (r,) in db.execute("SELECT round FROM uplink_outbox WHERE kind = 'train'")]
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return []
+
+
+def test_relay_killed_mid_round_restarts_and_the_model_equals_an_uninterrupted_run(tiers):
+    rounds = 5
+    ref = tiers("ref", rounds=rounds, evaluate=False)
+    want = _run(ref)
+    ref.shutdown()
+
+    tier = tiers("crash", rounds=rounds, evaluate=False)
+    tier.start_all(gw_2=1.5)  # a slow gateway keeps relay-a's local rounds open for a while
+    relay = tier.relays["relay-a"]
+
+    def mid() -> bool:  # relay-a issued local round 3 and gw-1 has answered it
+        issued = tier.query("SELECT COUNT(*) FROM tasks WHERE round = 3 AND kind = 'train'", data=relay["data"])
+        return bool(issued) and issued[0][0] == 2 and 3 in _local_outbox_rounds(tier, "gw-1")
+
+    tier.wait(mid, "relay-a's local round 3 half answered")
+    time.sleep(0.05)  # let gw-1's result reach the relay
+    fedtools.kill9(tier.procs["relay-a"])
+    assert tier.train_rounds_done() == 2
+    tier.start_relay("relay-a")
+    tier.wait(lambda: tier.train_rounds_done() >= rounds, "the resumed run", timeout_s=120)
+    got = tier.checkpoint(tier.hq_dir, rounds)
+    np.testing.assert_allclose(got.arrays["params"], want.arrays["params"], rtol=0, atol=1e-6)
+    # nothing counted twice: headquarters took one result per agent per round
+    rows = tier.query("SELECT round, agent, COUNT(*) FROM tasks WHERE kind = 'train' AND status = 'accepted' "
+                      "GROUP BY round, agent")
+    assert sorted(rows) == sorted((r, a, 1) for r in range(1, rounds + 1) for a in ("gw-5", "relay-a", "relay-b"))
+    assert tier.query("SELECT round, n_accepted FROM rounds WHERE kind = 'train' ORDER BY round") == \
+        [(r, 3) for r in range(1, rounds + 1)]
+    # the restarted relay ran round 3 again with fresh local tasks; the old ones were expired
+    local3 = tier.query("SELECT status, COUNT(*) FROM tasks WHERE round = 3 AND kind = 'train' GROUP BY status",
+                        data=relay["data"])
+    assert dict(local3) == {"expired": 2, "accepted": 2}
+    tier.shutdown()
+    reports = [json.loads((tier.root / f"{gw}.report.json").read_text()) for gw in ("gw-1", "gw-2")]
+    assert all(r["status"]["outbox"] == 0 for r in reports)
+
+
+def test_relay_with_features_headquarters_lacks_is_refused_at_hello(tiers):
+    tier = tiers("features", rounds=2, relay_fed={"relay-b": {"features": ["f0", "f1", "x9", "f2"]}})
+    tier.start_hq()
+    tier.start_relay("relay-b")
+    tier.wait(lambda: "relay-b refused" in tier.log("hq"), "headquarters to refuse relay-b")
+    assert "lacks features f3" in tier.log("hq")
+    from fedgate.server.cli import status_report
+
+    def refused() -> bool:
+        state = status_report(str(tier.relays["relay-b"]["config"])).get("relay") or {}
+        return bool(state.get("upstream_state")) and state.get("refused") is not None
+
+    tier.wait(refused, "relay-b's status to show the refusal")
+    state = status_report(str(tier.relays["relay-b"]["config"]))["relay"]
+    assert state["upstream"] == tier.hq_endpoint and state["name"] == "relay-b"
+    assert state["refused"]["missing"] == ["f3"]
+    assert not state["connected"]
+
+
+def test_upstream_task_with_another_model_spec_fails_with_a_counter(tiers):
+    port = fedtools.free_port()
+    tier = tiers("spec", rounds=2, relay_fed={"relay-a": {"model": {"kind": "linear", "n_features": N_FEATURES,
+                                                                      "loss": "huber"}}},
+                 hq_fed={"min_agents": 1})
+    text = tier.relays["relay-a"]["config"].read_text().replace('metrics = ""', f'metrics = "127.0.0.1:{port}"', 1)
+    tier.relays["relay-a"]["config"].write_text(text)
+    tier.start_hq()
+    tier.start_relay("relay-a")
+    import urllib.request
+
+    def failures() -> float:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+        except OSError:
+            return 0.0
+        for line in body.splitlines():
+            if line.startswith('fedgate_server_relay_upstream_failures_total{reason="spec"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    tier.wait(lambda: failures() >= 1, "a refused upstream task")
+    assert "does not match the relay's [federation]" in tier.log("relay-a")
+    assert "huber" in tier.log("relay-a")
