@@ -120,7 +120,8 @@ class Server:
                 log.error("reload: config not reloaded, keeping the running one: %s", exc)
             else:
                 logging.getLogger().setLevel(new.server.log_level.upper())
-                for section in ("server", "federation", "strategy", "privacy"):
+                sections = ("server", "federation", "strategy", "privacy") + (("relay",) if new.relay else ())
+                for section in sections:
                     old_s, new_s = getattr(self.cfg, section), getattr(new, section)
                     changed = [f.name for f in dataclasses.fields(old_s)
                                if f.name != "log_level" and getattr(old_s, f.name) != getattr(new_s, f.name)]

@@ -8,6 +8,7 @@ each relay's gateways' keys in that relay's own ``agents_dir``.
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import sys
 import time
@@ -240,6 +241,13 @@ def test_two_relays_and_a_direct_gateway_equal_the_flat_federation(tiers):
               "gateways to hold the final model", timeout_s=30)
     for gw in GATEWAYS:
         np.testing.assert_array_equal(np.load(tier.root / f"{gw}.model.npy"), got.arrays["params"])
+    # SIGHUP reloads a relay's config and keys; SIGTERM stops headquarters, relays and gateways cleanly
+    tier.procs["relay-b"].send_signal(signal.SIGHUP)
+    tier.wait(lambda: "reload" in tier.log("relay-b") or "allow-list" in tier.log("relay-b"), "relay-b to reload")
+    for name in GATEWAYS:
+        assert fedtools.stop(tier.procs[name]) == 0, tier.log(name)
+    for name in ("relay-a", "relay-b", "hq"):
+        assert fedtools.stop(tier.procs[name]) == 0, tier.log(name)
 
 
 def _local_outbox_rounds(tier: Tier, gw: str) -> list[int]:
