@@ -189,8 +189,9 @@ def _status(config: str, as_json: bool) -> int:
     if relay is not None and relay.get("refused"):
         ref = relay["refused"]
         lines.append(f"  refused by headquarters ({ref.get('code')}): {ref.get('message')}")
-    lines += [f"federation {report['federation']} ({report['strategy']}): "
-             f"{report['train_rounds']} of {report['rounds_planned']} train rounds committed",
+    rounds = (f"{report['train_rounds']} of {report['rounds_planned']} train rounds committed" if relay is None
+              else f"{report['train_rounds']} local train rounds combined (rounds set by headquarters)")
+    lines += [f"federation {report['federation']} ({report['strategy']}): {rounds}",
              "checkpoint: " + ("none" if ck is None else f"round {ck['round']} ({ck['phase']}) {ck['path']}")]
     if report["last_train_metrics"]:
         lines.append("last train metrics: " + _fmt(report["last_train_metrics"]))

@@ -223,3 +223,17 @@ def test_stopping_fails_the_waiting_task(relay_server):
             answer.result(30)
     with pytest.raises(TrainingError, match="stopping"):  # and a task after stop fails at once
         relay.uplink.handler.run_task(_task(), np.zeros(3, dtype=np.float32))
+
+
+def test_configuration_doc_lists_every_relay_key_with_its_default():
+    import dataclasses
+    import re
+
+    from fedgate.agent.uplink_types import UplinkConfig
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    table = text[text.index("### `[relay]`"):]
+    documented = dict(re.findall(r"^\| `([a-z_]+)` \| [^|]* \| ([^|]*) \|", table, re.M))
+    want = {"name"} | {f.metadata.get("toml") or f.name for f in dataclasses.fields(UplinkConfig)}
+    assert set(documented) == want
+    assert documented["name"].strip() == "required" and documented["heartbeat"].strip() == '`"5s"`'
