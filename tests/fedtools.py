@@ -7,6 +7,8 @@ with a task handler on synthetic data until SIGTERM (or until its parent dies):
   label ``y``), trained with :class:`fedgate.core.model.Model` exactly as the task says
   (global scaler, hyper-parameters). Everything is a function of the agent's seed and
   the round, so two runs of the same federation give the same models.
+- ``--mode broken``: as ``synth``, but every train result is off by +50 (a faulty
+  gateway, for robust strategies).
 - ``--mode bench``: no data; a train task returns the global parameters plus a fixed
   seeded noise vector (the Flower baseline's client does the same), so a round costs
   only the framework.
@@ -126,6 +128,18 @@ class SynthHandler:
             self.model_out.with_suffix(".round").write_text(str(model.round))
 
 
+class BrokenHandler(SynthHandler):
+    """A faulty gateway: trains like :class:`SynthHandler`, then reports params far off (+50)."""
+
+    def run_task(self, task, global_params):
+        from fedgate.agent.uplink import TaskOutcome
+
+        out = super().run_task(task, global_params)
+        if out.params is None:
+            return out
+        return TaskOutcome(n_samples=out.n_samples, metrics=out.metrics, params=out.params + np.float32(50.0))
+
+
 class BenchHandler(SynthHandler):
     """Trivial local work: global + fixed noise; what remains is framework overhead."""
 
@@ -219,8 +233,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.mode == "bench":
         handler: SynthHandler = BenchHandler(args.seed, args.n_features)
     else:
-        handler = SynthHandler(args.seed, args.n_samples, args.n_features,
-                               Path(args.model_out) if args.model_out else None, args.train_delay)
+        cls = BrokenHandler if args.mode == "broken" else SynthHandler
+        handler = cls(args.seed, args.n_samples, args.n_features,
+                      Path(args.model_out) if args.model_out else None, args.train_delay)
     uplink = Uplink(cfg, agent_name=args.name, db_path=args.db, handler=handler)
     cpu_start = time.process_time()
 
@@ -370,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--server-key")
     a.add_argument("--secret-key")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--mode", choices=("synth", "bench"), default="synth")
+    a.add_argument("--mode", choices=("synth", "bench", "broken"), default="synth")
     a.add_argument("--n-samples", type=int, default=200)
     a.add_argument("--n-features", type=int, default=4)
     a.add_argument("--model-out")

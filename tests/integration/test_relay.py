@@ -48,11 +48,17 @@ class Tier:
     """Headquarters, its relays and gateways in ``root`` (``flat``: all gateways at headquarters)."""
 
     def __init__(self, root: Path, *, rounds: int, flat: bool = False, evaluate: bool = True,
-                 relay_fed: dict[str, dict[str, Any]] | None = None, hq_fed: dict[str, Any] | None = None) -> None:
+                 relay_fed: dict[str, dict[str, Any]] | None = None, hq_fed: dict[str, Any] | None = None,
+                 layout: dict[str | None, list[str]] | None = None,
+                 relay_strategy: dict[str, Any] | None = None, modes: dict[str, str] | None = None) -> None:
         self.root = root
         self.rounds = rounds
-        self.flat = flat
-        direct = GATEWAYS if flat else [*[r for r in LAYOUT if r], *LAYOUT[None]]
+        self.layout = dict(layout or LAYOUT)
+        if flat:
+            self.layout = {None: [gw for gws in self.layout.values() for gw in gws]}
+        self.gateways = [gw for gws in self.layout.values() for gw in gws]
+        self.modes = modes or {}
+        direct = [*[r for r in self.layout if r], *self.layout.get(None, [])]
         self.hq_keys = fedtools.make_keys(root / "hq", "hq", direct)
         self.hq_endpoint = f"tcp://127.0.0.1:{fedtools.free_port()}"
         self.hq_dir = root / "hq" / "data"
@@ -61,22 +67,21 @@ class Tier:
             "federation": {**_fed_table(rounds, len(direct), evaluate=evaluate, relay=False), **(hq_fed or {})},
             "strategy": {"name": "fedavg"}})
         self.relays: dict[str, dict[str, Any]] = {}
-        if not flat:
-            for name in (r for r in LAYOUT if r):
-                keys = fedtools.make_keys(root / name, f"{name}-server", LAYOUT[name])
-                endpoint = f"tcp://127.0.0.1:{fedtools.free_port()}"
-                fed = _fed_table(rounds, len(LAYOUT[name]), evaluate=evaluate, relay=True)
-                fed.update((relay_fed or {}).get(name, {}))
-                config = fedtools.write_toml(root / f"{name}.toml", {
-                    "server": self._server_table(endpoint, root / name / "data", keys),
-                    "federation": fed, "strategy": {"name": "fedavg"},
-                    "relay": {"name": name, "server": self.hq_endpoint,
-                              "server_key": str(self.hq_keys["server_public"]),
-                              "secret_key": str(self.hq_keys["keys_dir"] / f"{name}.key_secret"),
-                              "heartbeat": "300ms", "dead_after": "1500ms", "hello_timeout": "2s",
-                              "reconnect_delay": "100ms", "reconnect_delay_max": "1s"}})
-                self.relays[name] = {"keys": keys, "endpoint": endpoint, "config": config,
-                                     "data": root / name / "data"}
+        for name in (r for r in self.layout if r):
+            keys = fedtools.make_keys(root / name, f"{name}-server", self.layout[name])
+            endpoint = f"tcp://127.0.0.1:{fedtools.free_port()}"
+            fed = _fed_table(rounds, len(self.layout[name]), evaluate=evaluate, relay=True)
+            fed.update((relay_fed or {}).get(name, {}))
+            config = fedtools.write_toml(root / f"{name}.toml", {
+                "server": self._server_table(endpoint, root / name / "data", keys),
+                "federation": fed, "strategy": relay_strategy or {"name": "fedavg"},
+                "relay": {"name": name, "server": self.hq_endpoint,
+                          "server_key": str(self.hq_keys["server_public"]),
+                          "secret_key": str(self.hq_keys["keys_dir"] / f"{name}.key_secret"),
+                          "heartbeat": "300ms", "dead_after": "1500ms", "hello_timeout": "2s",
+                          "reconnect_delay": "100ms", "reconnect_delay_max": "1s"}})
+            self.relays[name] = {"keys": keys, "endpoint": endpoint, "config": config,
+                                 "data": root / name / "data"}
         self.procs: dict[str, Any] = {}
         self.all_procs: list[Any] = []
 
@@ -99,13 +104,14 @@ class Tier:
         self._spawn(name, fedtools.server_command(self.relays[name]["config"]))
 
     def start_gateway(self, gw: str, *, train_delay_s: float = 0.0) -> None:
-        relay = None if self.flat else next(r for r, gws in LAYOUT.items() if gw in gws)
+        relay = next(r for r, gws in self.layout.items() if gw in gws)
         if relay is None:
             endpoint, keys = self.hq_endpoint, self.hq_keys
         else:
             endpoint, keys = self.relays[relay]["endpoint"], self.relays[relay]["keys"]
         cmd = fedtools.agent_command(
-            gw, server=endpoint, db=self.root / f"{gw}.db", keys=keys, seed=11 + GATEWAYS.index(gw),
+            gw, server=endpoint, db=self.root / f"{gw}.db", keys=keys, seed=10 + int(gw.split("-")[1]),
+            mode=self.modes.get(gw, "synth"),
             n_samples=150, n_features=N_FEATURES, model_out=self.root / f"{gw}.model.npy",
             report=self.root / f"{gw}.report.json", heartbeat="300ms", dead_after="1500ms",
             train_delay_s=train_delay_s)
@@ -115,11 +121,11 @@ class Tier:
         self.start_hq()
         for name in self.relays:
             self.start_relay(name)
-        for gw in GATEWAYS:
+        for gw in self.gateways:
             self.start_gateway(gw, train_delay_s=delays.get(gw.replace("-", "_"), 0.0))
 
     def shutdown(self) -> None:
-        for gw in GATEWAYS:
+        for gw in self.gateways:
             if gw in self.procs:
                 fedtools.stop(self.procs[gw])
         for name in [*self.relays, "hq"]:
@@ -228,6 +234,12 @@ def test_two_relays_and_a_direct_gateway_equal_the_flat_federation(tiers):
     # a relay's weight is its gateways' samples
     n = tier.query("SELECT n_samples FROM agent_metrics WHERE kind = 'train' AND agent = 'relay-a' AND round = 1")
     assert n == [(300,)]
+    # headquarters' evaluate tasks were answered by each relay for its two gateways
+    tier.wait(lambda: len(tier.query("SELECT 1 FROM agent_metrics WHERE kind = 'evaluate' AND round = ? "
+                                     "AND agent LIKE 'relay-%'", (rounds,))) == 2, "the relays' evaluations")
+    ev = tier.query("SELECT agent, n_samples FROM agent_metrics WHERE kind = 'evaluate' AND round = 1 "
+                    "AND agent LIKE 'relay-%' ORDER BY agent")
+    assert ev == [("relay-a", 300), ("relay-b", 300)]
     # each relay ran the local rounds and checkpointed headquarters' model once committed
     for name, relay in tier.relays.items():
         local = tier.query("SELECT round, n_accepted FROM rounds WHERE kind = 'train' ORDER BY round",
@@ -345,3 +357,22 @@ def test_upstream_task_with_another_model_spec_fails_with_a_counter(tiers):
     tier.wait(lambda: failures() >= 1, "a refused upstream task")
     assert "does not match the relay's [federation]" in tier.log("relay-a")
     assert "huber" in tier.log("relay-a")
+
+
+def test_a_median_relay_bounds_a_broken_gateway_behind_it(tiers):
+    rounds = 4
+    honest = tiers("honest", rounds=rounds, flat=True, layout={None: ["gw-1", "gw-2", "gw-3", "gw-4"]})
+    want = _run(honest).arrays["params"]
+    honest.shutdown()
+
+    tier = tiers("robust", rounds=rounds, layout={"relay-a": ["gw-1", "gw-2", "gw-3"], None: ["gw-4"]},
+                 relay_strategy={"name": "median"}, modes={"gw-3": "broken"})
+    got = _run(tier).arrays["params"]
+    # gw-3's results (+50 on every parameter) were taken by the relay every round ...
+    local = tier.query("SELECT round, n_accepted FROM rounds WHERE kind = 'train' ORDER BY round",
+                       data=tier.relays["relay-a"]["data"])
+    assert local == [(r, 3) for r in range(1, rounds + 1)]
+    # ... and the coordinate median kept the global model near the honest federation's
+    # (a weighted mean at the relay moves the model by about 30 over these rounds)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2.0)  # 0.6 here; a fedavg relay: 31
