@@ -2,10 +2,12 @@
 
 Sections: ``[server]`` (sockets, keys, storage, limits), ``[federation]`` (the task:
 model spec, ordered features, label, rounds, sampling, hyper-parameters, codec),
-``[strategy]`` (aggregation rule and its parameters, the update norm bound) and
-``[privacy]`` (DP-FedAvg; off while ``noise_multiplier = 0``). ``deploy/server.toml``
-is the complete commented example. Relative paths are taken from the config file's
-directory. Every error names the file, the key and the value.
+``[strategy]`` (aggregation rule and its parameters, the update norm bound),
+``[privacy]`` (DP-FedAvg; off while ``noise_multiplier = 0``) and, on a relay,
+``[relay]`` (built by :mod:`fedgate.server.relay`, which is imported only then).
+``deploy/server.toml`` and ``deploy/relay.toml`` are the complete commented examples.
+Relative paths are taken from the config file's directory. Every error names the file,
+the key and the value.
 """
 from __future__ import annotations
 

@@ -296,6 +296,8 @@ class Relay:
         now = time.monotonic()
         if now - self._state_at >= 1.0:
             self._state_at = now
+            if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+                raise FedgateError("the relay's uplink to headquarters stopped unexpectedly (see the log)")
             self.n_samples = sum(a.n_samples for a in co.registry.alive())
             self._write_state()
 

@@ -231,7 +231,8 @@ class RelayCoordinator(Coordinator):
         req = self.request if kind is not TaskKind.EVALUATE else self.evaluation.request  # type: ignore[union-attr]
         assert req is not None
         fields = {
-            "task_id": "0" * 32, "round": rnd, "kind": kind.value, "deadline_s": req.local_s,
+            "task_id": "0" * 32, "round": rnd, "kind": kind.value,
+            "deadline_s": round(max(0.001, req.deadline - self.clock()), 3),  # what is left of the local round
             "spec": self.model.spec, "features": list(self.fed.features), "label": self.fed.label,
             "scaler": req.scaler, "hyper": dict(req.hyper), "codec": req.codec,
             "codec_params": dict(req.codec_params),
