@@ -308,9 +308,59 @@ def test_relay_killed_mid_round_restarts_and_the_model_equals_an_uninterrupted_r
     local3 = tier.query("SELECT status, COUNT(*) FROM tasks WHERE round = 3 AND kind = 'train' GROUP BY status",
                         data=relay["data"])
     assert dict(local3) == {"expired": 2, "accepted": 2}
+    # once headquarters' last commit reached relay-a, its gateways hold no result any more
+    tier.checkpoint(relay["data"], rounds)
+    tier.wait(lambda: not _local_outbox_rounds(tier, "gw-1") and not _local_outbox_rounds(tier, "gw-2"),
+              "the gateways' outboxes to empty")
     tier.shutdown()
     reports = [json.loads((tier.root / f"{gw}.report.json").read_text()) for gw in ("gw-1", "gw-2")]
     assert all(r["status"]["outbox"] == 0 for r in reports)
+
+
+def _relay_outbox_rounds(tier: Tier, relay: str) -> list[int]:
+    path = tier.relays[relay]["data"] / "relay.db"
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return [r for (r,) in db.execute("SELECT round FROM uplink_outbox WHERE kind = 'train'")]
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return []
+
+
+def test_relay_killed_after_answering_resends_its_stored_result(tiers):
+    rounds = 4
+    ref = tiers("ref", rounds=rounds, evaluate=False)
+    want = _run(ref)
+    ref.shutdown()
+
+    tier = tiers("answered", rounds=rounds, evaluate=False)
+    tier.start_all(gw_5=1.5)  # the direct gateway keeps headquarters' rounds open after relay-a answered
+    tier.wait(lambda: 3 in _relay_outbox_rounds(tier, "relay-a"), "relay-a's stored answer to round 3")
+    fedtools.kill9(tier.procs["relay-a"])
+    assert tier.train_rounds_done() == 2
+    tier.start_relay("relay-a")
+    tier.wait(lambda: tier.train_rounds_done() >= rounds, "the resumed run", timeout_s=120)
+    got = tier.checkpoint(tier.hq_dir, rounds)
+    np.testing.assert_allclose(got.arrays["params"], want.arrays["params"], rtol=0, atol=1e-6)
+    rows = tier.query("SELECT round, agent, COUNT(*) FROM tasks WHERE kind = 'train' AND status = 'accepted' "
+                      "GROUP BY round, agent")
+    assert sorted(rows) == sorted((r, a, 1) for r in range(1, rounds + 1) for a in ("gw-5", "relay-a", "relay-b"))
+    # the restarted relay did not run round 3 again: its outbox sent the stored answer
+    local3 = tier.query("SELECT COUNT(*) FROM tasks WHERE round = 3 AND kind = 'train'",
+                        data=tier.relays["relay-a"]["data"])
+    assert local3 == [(2,)]
+    tier.checkpoint(tier.relays["relay-a"]["data"], rounds)  # headquarters' last commit reached the relay
+    tier.wait(lambda: not _relay_outbox_rounds(tier, "relay-a"), "relay-a's outbox to empty")
+    tier.shutdown()
+    from fedgate.server.relay import read_state
+
+    state = read_state(str(tier.relays["relay-a"]["data"]))
+    assert state is not None and state["counters"].get("results_resent", 0) >= 1
+    assert state["outbox"] == 0
 
 
 def test_relay_with_features_headquarters_lacks_is_refused_at_hello(tiers):
