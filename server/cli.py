@@ -167,6 +167,8 @@ def _relay_report(cfg: Any) -> dict[str, Any]:
         upstream_state = "unknown"
     elif state.get("refused"):
         upstream_state = "refused"
+    elif not state.get("joined", True):
+        upstream_state = "waiting for its gateways before joining"
     else:
         upstream_state = "connected" if state.get("connected") else "disconnected"
     return {**state, "name": cfg.relay.name, "upstream": cfg.relay.uplink.server, "upstream_state": upstream_state}

@@ -201,6 +201,7 @@ class Relay:
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._join_by: float | None = None  # monotonic time by which the uplink starts (see start)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -264,7 +265,19 @@ class Relay:
 
     # ------------------------------------------------------------------ loop thread
     def start(self) -> None:
-        """Start the uplink's thread (after the server is bound and ready)."""
+        """Join headquarters once the local quorum is ready (:meth:`pump` starts the uplink).
+
+        A relay that said hello before its gateways came back would be sampled, fail
+        its task for want of gateways, and leave headquarters' round waiting for an
+        answer; so the uplink starts when ``max(min_agents, min_available)`` gateways
+        are ready, or after ``round_timeout`` at the latest.
+        """
+        self._join_by = time.monotonic() + self.cfg.federation.round_timeout_s
+
+    def _start_uplink(self) -> None:
+        self.n_samples = sum(a.n_samples for a in self.coordinator.registry.alive())
+        log.info("relay: %d gateways ready; joining headquarters at %s", self.coordinator.registry.n_alive(),
+                 self.cfg.relay.uplink.server)
         self._thread = threading.Thread(target=self.uplink.serve, name="relay-uplink", daemon=True)
         self._thread.start()
 
@@ -276,6 +289,11 @@ class Relay:
         except (BlockingIOError, OSError):
             pass
         co = self.coordinator
+        if self._thread is None and self._join_by is not None and not self._stopping:
+            fed = self.cfg.federation
+            if co.registry.n_alive() >= max(fed.min_agents, fed.min_available) or time.monotonic() >= self._join_by:
+                self._join_by = None
+                self._start_uplink()
         while True:
             try:
                 what, value = self._events.get_nowait()
@@ -345,6 +363,7 @@ class Relay:
         serving = co.request or (co.evaluation.request if co.evaluation is not None else None)
         return {
             "relay": True, "name": self.cfg.relay.name, "upstream": up["server"], "connected": up["connected"],
+            "joined": self._thread is not None,
             "federation": up["federation"], "upstream_round": up["last_round"],
             "upstream_committed_round": up["last_committed_round"], "last_contact_ts": up["last_contact_ts"],
             "outbox": up["outbox"], "refused": up["refused"], "local_rounds": co.local_rounds,

@@ -364,7 +364,9 @@ def test_relay_killed_after_answering_resends_its_stored_result(tiers):
 
 
 def test_relay_with_features_headquarters_lacks_is_refused_at_hello(tiers):
-    tier = tiers("features", rounds=2, relay_fed={"relay-b": {"features": ["f0", "f1", "x9", "f2"]}})
+    # (no gateway can serve these features: round_timeout bounds how long relay-b waits for them before joining)
+    tier = tiers("features", rounds=2, relay_fed={"relay-b": {"features": ["f0", "f1", "x9", "f2"],
+                                                             "round_timeout": "1s"}})
     tier.start_hq()
     tier.start_relay("relay-b")
     tier.wait(lambda: "relay-b refused" in tier.log("hq"), "headquarters to refuse relay-b")
@@ -385,7 +387,7 @@ def test_relay_with_features_headquarters_lacks_is_refused_at_hello(tiers):
 def test_upstream_task_with_another_model_spec_fails_with_a_counter(tiers):
     port = fedtools.free_port()
     tier = tiers("spec", rounds=2, relay_fed={"relay-a": {"model": {"kind": "linear", "n_features": N_FEATURES,
-                                                                      "loss": "huber"}}},
+                                                                      "loss": "huber"}, "round_timeout": "1s"}},
                  hq_fed={"min_agents": 1})
     text = tier.relays["relay-a"]["config"].read_text().replace('metrics = ""', f'metrics = "127.0.0.1:{port}"', 1)
     tier.relays["relay-a"]["config"].write_text(text)
@@ -426,3 +428,23 @@ def test_a_median_relay_bounds_a_broken_gateway_behind_it(tiers):
     # (a weighted mean at the relay moves the model by about 30 over these rounds)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=0, atol=2.0)  # 0.6 here; a fedavg relay: 31
+
+
+def test_relay_joins_headquarters_once_its_gateways_are_ready(tiers):
+    from fedgate.server.cli import status_report
+
+    tier = tiers("join", rounds=1, layout={"relay-a": ["gw-1", "gw-2"]})
+    tier.start_hq()
+    tier.start_relay("relay-a")
+    config = str(tier.relays["relay-a"]["config"])
+    tier.wait(lambda: (status_report(config)["relay"] or {}).get("upstream_state")
+              == "waiting for its gateways before joining", "relay-a to wait for its gateways")
+    tier.start_gateway("gw-1")
+    tier.wait(lambda: "agent gw-1 registered" in tier.log("relay-a"), "gw-1 at relay-a")
+    assert "relay-a registered" not in tier.log("hq")  # one gateway is not relay-a's quorum of two
+    tier.start_gateway("gw-2")
+    tier.wait(lambda: "agent relay-a registered (fedgate-relay/0.1.0, 300 samples)" in tier.log("hq"),
+              "relay-a to join headquarters with its gateways' samples")
+    tier.wait(lambda: tier.train_rounds_done() >= 1, "the round")
+    tier.wait(lambda: (status_report(config)["relay"] or {}).get("upstream_state") == "connected",
+              "relay-a's status to show it connected")
