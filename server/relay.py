@@ -173,6 +173,14 @@ class _RelayUplink(Uplink):
         super()._on_committed(round_)
         self.relay.post(("committed", round_))
 
+    def rejoin(self) -> None:
+        """Say hello again (any thread): headquarters then re-sends the task of its open round
+        that this relay failed, with the same nonce. A message arriving before the new
+        welcome is dropped, as after any reconnect (commit notices come again with later rounds)."""
+        self.counters["rejoins"] += 1
+        self._registered = False
+        self._wake()
+
 
 class Relay:
     """The relay's upstream side, owned by the server daemon.
@@ -202,6 +210,7 @@ class Relay:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._join_by: float | None = None  # monotonic time by which the uplink starts (see start)
+        self._rejoin = False  # a task failed for want of gateways: say hello again when they are back
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -242,6 +251,8 @@ class Relay:
 
     def count_failure(self, reason: str) -> None:
         self.m_failures.labels(reason if reason in _FAILURE_REASONS else "aggregation").inc()
+        if reason == "quorum":  # once the gateways are back, ask headquarters for the task again
+            self._rejoin = True
 
     def submit(self, req: RelayRequest) -> None:
         """Uplink worker thread: queue an upstream task for the loop and wake it."""
@@ -289,11 +300,17 @@ class Relay:
         except (BlockingIOError, OSError):
             pass
         co = self.coordinator
+        fed = self.cfg.federation
+        quorum = co.registry.n_alive() >= max(fed.min_agents, fed.min_available)
         if self._thread is None and self._join_by is not None and not self._stopping:
-            fed = self.cfg.federation
-            if co.registry.n_alive() >= max(fed.min_agents, fed.min_available) or time.monotonic() >= self._join_by:
+            if quorum or time.monotonic() >= self._join_by:
                 self._join_by = None
                 self._start_uplink()
+        elif self._rejoin and quorum and co.idle and self._thread is not None:
+            self._rejoin = False
+            log.info("relay: %d gateways ready again; saying hello to headquarters so it re-sends its task",
+                     co.registry.n_alive())
+            self.uplink.rejoin()
         while True:
             try:
                 what, value = self._events.get_nowait()
@@ -370,7 +387,7 @@ class Relay:
             "serving": None if serving is None else {"round": serving.round, "kind": serving.kind.value},
             "gateways_alive": co.registry.n_alive(), "written": time.time(),
             "counters": {k: v for k, v in up["counters"].items()
-                         if k.startswith(("tasks_", "results_", "reconnects", "models"))},
+                         if k.startswith(("tasks_", "results_", "reconnects", "models", "rejoins"))},
         }
 
     def _write_state(self) -> None:

@@ -448,3 +448,23 @@ def test_relay_joins_headquarters_once_its_gateways_are_ready(tiers):
     tier.wait(lambda: tier.train_rounds_done() >= 1, "the round")
     tier.wait(lambda: (status_report(config)["relay"] or {}).get("upstream_state") == "connected",
               "relay-a's status to show it connected")
+
+
+def test_relay_that_lost_its_quorum_asks_for_the_task_again_when_its_gateways_return(tiers):
+    rounds = 4
+    # headquarters needs relay-a's answer every round; relay-a needs both of its gateways
+    tier = tiers("rejoin", rounds=rounds, evaluate=False, layout={"relay-a": ["gw-1", "gw-2"], None: ["gw-5"]},
+                 relay_fed={"relay-a": {"round_timeout": "1s"}})
+    tier.start_all(gw_1=0.2)
+    tier.wait(lambda: tier.train_rounds_done() >= 1, "round 1")
+    fedtools.kill9(tier.procs["gw-2"])
+    tier.wait(lambda: "failed" in tier.log("relay-a") and "gateways" in tier.log("relay-a"),
+              "relay-a to fail a task for want of gw-2")
+    done = tier.train_rounds_done()
+    assert done < rounds
+    tier.start_gateway("gw-2")
+    tier.wait(lambda: tier.train_rounds_done() >= rounds, "the rest of the run once gw-2 is back")
+    assert "saying hello to headquarters so it re-sends its task" in tier.log("relay-a")
+    rows = tier.query("SELECT round, agent, COUNT(*) FROM tasks WHERE kind = 'train' AND status = 'accepted' "
+                      "GROUP BY round, agent")
+    assert sorted(rows) == sorted((r, a, 1) for r in range(1, rounds + 1) for a in ("gw-5", "relay-a"))
