@@ -26,6 +26,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +164,13 @@ def _relay_report(cfg: Any) -> dict[str, Any]:
     from fedgate.server.relay import read_state
 
     state = read_state(cfg.server.data_dir) or {}
+    age_s = time.time() - float(state.get("written") or 0.0)
     if not state:
         upstream_state = "unknown"
+    elif state.get("stopped"):
+        upstream_state = "stopped"
+    elif age_s > 10.0:
+        upstream_state = f"unknown (no update for {age_s:.0f}s: is the relay running?)"
     elif state.get("refused"):
         upstream_state = "refused"
     elif not state.get("joined", True):

@@ -23,6 +23,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -141,7 +142,7 @@ class RelayHandler:
         relay.submit(req)
         try:
             outcome = req.future.result(timeout=task.deadline_s + _WAIT_MARGIN_S)
-        except TimeoutError as exc:
+        except FutureTimeout as exc:
             relay.count_failure("timeout")
             raise TrainingError(f"upstream {task.kind} task of round {task.round}: no local outcome") from exc
         except RelayFailure as exc:
@@ -155,11 +156,12 @@ class RelayHandler:
 
 
 class _RelayUplink(Uplink):
-    """The agent's uplink with two relay-specific twists.
+    """The agent's uplink with three relay-specific twists.
 
     Its tasks never run on the link thread (a relay's task waits for a whole local
     round while using almost no CPU, which would make the uplink judge it "short"),
-    and every commit notice from headquarters is passed on to the relay.
+    every commit notice from headquarters is passed on to the relay, and the relay
+    may say hello again (:meth:`rejoin`).
     """
 
     relay: Relay
@@ -380,7 +382,7 @@ class Relay:
         serving = co.request or (co.evaluation.request if co.evaluation is not None else None)
         return {
             "relay": True, "name": self.cfg.relay.name, "upstream": up["server"], "connected": up["connected"],
-            "joined": self._thread is not None,
+            "joined": self._thread is not None, "stopped": self._stopping,
             "federation": up["federation"], "upstream_round": up["last_round"],
             "upstream_committed_round": up["last_committed_round"], "last_contact_ts": up["last_contact_ts"],
             "outbox": up["outbox"], "refused": up["refused"], "local_rounds": co.local_rounds,
