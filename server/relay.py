@@ -35,6 +35,8 @@ from fedgate.agent.uplink_types import GlobalModel, HelloInfo, Task, TaskOutcome
 from fedgate.core.config import build, option
 from fedgate.core.errors import ConfigError, FedgateError, TrainingError
 from fedgate.core.protocol import TaskKind, valid_agent_name
+from fedgate.server.config import ServerConfig
+from fedgate.server.metrics import ServerMetrics
 from fedgate.server.relay_coordinator import (
     RelayCoordinator,
     RelayFailure,
@@ -199,7 +201,8 @@ class Relay:
         wakes the server loop at once.
     """
 
-    def __init__(self, cfg: Any, coordinator: RelayCoordinator, metrics: Any, poller: zmq.Poller) -> None:
+    def __init__(self, cfg: ServerConfig, coordinator: RelayCoordinator, metrics: ServerMetrics,
+                 poller: zmq.Poller) -> None:
         from prometheus_client import Counter, Gauge
 
         assert cfg.relay is not None

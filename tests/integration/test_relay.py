@@ -395,18 +395,21 @@ def test_upstream_task_with_another_model_spec_fails_with_a_counter(tiers):
     tier.start_relay("relay-a")
     import urllib.request
 
-    def failures() -> float:
+    def metric(name: str) -> float:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
                 body = resp.read().decode()
         except OSError:
             return 0.0
         for line in body.splitlines():
-            if line.startswith('fedgate_server_relay_upstream_failures_total{reason="spec"}'):
+            if line.startswith(name + " "):
                 return float(line.split()[-1])
         return 0.0
 
-    tier.wait(lambda: failures() >= 1, "a refused upstream task")
+    tier.wait(lambda: metric('fedgate_server_relay_upstream_failures_total{reason="spec"}') >= 1,
+              "a refused upstream task")
+    tier.wait(lambda: metric("fedgate_server_relay_upstream_connected") == 1, "the upstream link on the metrics")
+    assert metric('fedgate_server_relay_upstream_tasks_total{kind="statistics"}') >= 1
     assert "does not match the relay's [federation]" in tier.log("relay-a")
     assert "huber" in tier.log("relay-a")
 
