@@ -305,13 +305,11 @@ class Relay:
         except (BlockingIOError, OSError):
             pass
         co = self.coordinator
-        fed = self.cfg.federation
-        quorum = co.registry.n_alive() >= max(fed.min_agents, fed.min_available)
         if self._thread is None and self._join_by is not None and not self._stopping:
-            if quorum or time.monotonic() >= self._join_by:
+            if self._quorum() or time.monotonic() >= self._join_by:
                 self._join_by = None
                 self._start_uplink()
-        elif self._rejoin and quorum and co.idle and self._thread is not None:
+        elif self._rejoin and co.idle and self._thread is not None and self._quorum():
             self._rejoin = False
             log.info("relay: %d gateways ready again; saying hello to headquarters so it re-sends its task",
                      co.registry.n_alive())
@@ -340,6 +338,10 @@ class Relay:
                 raise FedgateError("the relay's uplink to headquarters stopped unexpectedly (see the log)")
             self.n_samples = sum(a.n_samples for a in co.registry.alive())
             self._write_state()
+
+    def _quorum(self) -> bool:
+        fed = self.cfg.federation
+        return self.coordinator.registry.n_alive() >= max(fed.min_agents, fed.min_available)
 
     def stop(self) -> None:
         """Fail what is being served, stop the uplink and wait for its thread (loop thread)."""
