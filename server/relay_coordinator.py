@@ -33,13 +33,15 @@ from fedgate.core import aggregate as agg
 from fedgate.core import codec
 from fedgate.core.errors import AggregationError, FedgateError, TrainingError
 from fedgate.core.protocol import MsgType, TaskKind, encode, new_task_ids
-from fedgate.server.coordinator import _TID_MARK, Coordinator, MetricMeans, OpenRound
+from fedgate.server.coordinator import Coordinator, MetricMeans, OpenRound
 from fedgate.server.store import Checkpoint, TaskRow
 
 __all__ = ["RelayCoordinator", "RelayRequest", "RelayOutcome", "local_deadline_s", "DEADLINE_SHARE"]
 
 log = logging.getLogger(__name__)
 
+_NO_TASK_ID = "0" * 32  # the nonce placeholder of a task header template (Coordinator._send_task fills it in)
+_TID_MARK = b'"task_id":"' + _NO_TASK_ID.encode("ascii") + b'"'
 DEADLINE_SHARE = 0.8  # share of the upstream deadline a local round may use (the rest carries the answer up)
 
 
@@ -231,7 +233,7 @@ class RelayCoordinator(Coordinator):
         req = self.request if kind is not TaskKind.EVALUATE else self.evaluation.request  # type: ignore[union-attr]
         assert req is not None
         fields = {
-            "task_id": "0" * 32, "round": rnd, "kind": kind.value,
+            "task_id": _NO_TASK_ID, "round": rnd, "kind": kind.value,
             "deadline_s": round(max(0.001, req.deadline - self.clock()), 3),  # what is left of the local round
             "spec": self.model.spec, "features": list(self.fed.features), "label": self.fed.label,
             "scaler": req.scaler, "hyper": dict(req.hyper), "codec": req.codec,
