@@ -183,32 +183,44 @@ class ResultEncoder:
         global_params : float32 (n,) or None
             The global parameters the task carried; required by ``topk``, which
             encodes ``params - global_params`` (plus the error-feedback residual) as a
-            delta.
+            delta, and when ``codec_params`` has ``delta = true`` (asynchronous
+            tasks): then every codec sends ``params - global_params`` with the DELTA
+            flag, and the server adds its current global model back.
 
         Raises
         ------
         TrainingError
-            Bad codec parameters, or ``topk`` without (matching) global parameters.
+            Bad codec parameters, or ``topk`` / ``delta`` without (matching) global parameters.
         """
         vec = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         params = task.codec_params
         if task.codec == "topk":
             return self._encode_topk(vec, task, global_params)
+        delta = params.get("delta") is True
+        if delta:
+            vec = np.subtract(vec, self._reference(vec, task, global_params))
         try:
             if task.codec == "q8":
                 # a per-task seed: stochastic rounding errors do not repeat from round to round
                 seed = int(params.get("seed", int(task.task_id[:8], 16)))
-                return codec.encode(vec, "q8", block=int(params.get("block", 256)), seed=seed % 2**32)
-            return codec.encode(vec, task.codec)
+                return codec.encode(vec, "q8", block=int(params.get("block", 256)), seed=seed % 2**32, delta=delta)
+            return codec.encode(vec, task.codec, delta=delta)
         except (TypeError, ValueError) as exc:
             raise TrainingError(f"task {task.task_id}: cannot encode with {task.codec} {params}: {exc}") from exc
 
-    def _encode_topk(self, vec: np.ndarray, task: Task, global_params: np.ndarray | None) -> bytes:
+    @staticmethod
+    def _reference(vec: np.ndarray, task: Task, global_params: np.ndarray | None) -> np.ndarray:
+        """The task's global params (float32 (n,)) a delta is taken from."""
         if global_params is None:
-            raise TrainingError(f"task {task.task_id}: topk encodes an update and needs the task's global params")
+            raise TrainingError(f"task {task.task_id}: {task.codec} delta encodes an update and needs the "
+                                "task's global params")
         ref = np.asarray(global_params, dtype=np.float32).reshape(-1)
         if ref.size != vec.size:
             raise TrainingError(f"task {task.task_id}: {vec.size} params, the global model has {ref.size}")
+        return ref
+
+    def _encode_topk(self, vec: np.ndarray, task: Task, global_params: np.ndarray | None) -> bytes:
+        ref = self._reference(vec, task, global_params)
         try:
             k = float(task.codec_params.get("k", 0.01))
         except (TypeError, ValueError) as exc:

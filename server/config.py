@@ -22,6 +22,7 @@ from fedgate.core.protocol import CODECS
 
 __all__ = [
     "StrategyName",
+    "FederationMode",
     "ServerSection",
     "FederationSection",
     "StrategySection",
@@ -44,6 +45,11 @@ class StrategyName(str, Enum):
     KRUM = "krum"
     MULTIKRUM = "multikrum"
     BULYAN = "bulyan"
+
+
+class FederationMode(str, Enum):
+    SYNC = "sync"     # rounds with a deadline and a quorum
+    ASYNC = "async"   # buffered asynchronous aggregation (fedgate.server.async_coordinator)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +93,12 @@ class FederationSection:
     evaluate: bool = option(True, doc="send evaluate tasks on each new global model")
     statistics: bool = option(True, doc="run the statistics round (global scaler) first")
     seed: int = option(0, ge=0, le=2**63 - 1)
+    mode: FederationMode = option(FederationMode.SYNC, choices=tuple(FederationMode),
+                                  doc="sync rounds, or buffered asynchronous aggregation")
+    buffer_size: int = option(0, ge=0, le=10**6, doc="async: results per aggregation (0: min_agents)")
+    max_staleness: int = option(8, ge=0, le=10**6, doc="async: older results (in rounds) are refused as stale")
+    staleness_exponent: float = option(0.5, ge=0, le=100, doc="async: weight n_samples * (1 + tau) ** -exponent")
+    concurrency: int = option(0, ge=0, le=10**6, doc="async: agents training at a time (0: every ready agent)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +192,7 @@ def parse_config(doc: dict[str, Any], *, file: str = "<config>", base_dir: str =
     if strategy.name is StrategyName.TRIMMED_MEAN and fed.min_agents < 3 and strategy.trim_beta > 0:
         raise ConfigError("trimmed_mean needs min_agents >= 3", file=file, key="federation.min_agents",
                           value=fed.min_agents)
+    _check_async(fed, privacy, "relay" in doc, file)
     relay = None
     if "relay" in doc:
         relay = _relay_section(doc["relay"], strategy, privacy, file=file, base_dir=base_dir)
@@ -205,6 +218,24 @@ def _relay_section(table: Any, strategy: StrategySection, privacy: PrivacySectio
     return parse_relay_section(table, file=file, base_dir=base_dir)
 
 
+def _check_async(fed: FederationSection, privacy: PrivacySection, relay: bool, file: str) -> None:
+    """The buffered asynchronous mode's own rules (see :mod:`fedgate.server.async_coordinator`)."""
+    if fed.mode is not FederationMode.ASYNC:
+        return
+    if relay:
+        raise ConfigError("a relay runs the rounds its upstream sends it; set mode = \"sync\" on a relay",
+                          file=file, key="federation.mode", value=fed.mode.value)
+    if privacy.enabled:
+        raise ConfigError("DP is not available in async mode: the accountant assumes agents sampled at a known "
+                          "rate each round, while async rounds take whoever answers first; use mode = \"sync\" "
+                          "or noise_multiplier = 0", file=file, key="privacy.noise_multiplier",
+                          value=privacy.noise_multiplier)
+    if fed.buffer_size and fed.buffer_size < fed.min_agents:
+        raise ConfigError(f"must be 0 (min_agents) or at least min_agents ({fed.min_agents}): a round closes "
+                          "with at least min_agents results", file=file, key="federation.buffer_size",
+                          value=fed.buffer_size)
+
+
 def _check_codec_params(fed: FederationSection, file: str) -> None:
     """``codec_params`` are known and in range: a bad one would fail every agent's train task.
 
@@ -220,8 +251,12 @@ def _check_codec_params(fed: FederationSection, file: str) -> None:
     }
     for name, value in fed.codec_params.items():
         key = f"federation.codec_params.{name}"
+        if name == "delta":  # send new - global (async tasks always ask for it)
+            if not isinstance(value, bool):
+                raise ConfigError("must be true or false", file=file, key=key, value=value)
+            continue
         if name not in rules:
-            raise ConfigError(f"not a codec parameter (known: {', '.join(sorted(rules))})", file=file, key=key,
+            raise ConfigError(f"not a codec parameter (known: {', '.join(sorted([*rules, 'delta']))})", file=file, key=key,
                               value=value)
         kind, lo, hi = rules[name]
         ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))

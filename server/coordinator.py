@@ -517,12 +517,16 @@ class Coordinator:
             "scaler": self._scaler_dict,
             "hyper": {"epochs": fed.local_epochs, "batch_size": fed.batch_size, "lr": fed.lr,
                       "lr_schedule": fed.lr_schedule, "l2": fed.l2, "prox_mu": fed.prox_mu},
-            "codec": fed.codec, "codec_params": dict(fed.codec_params),
+            "codec": fed.codec, "codec_params": self._task_codec_params(),
         }
         payload = self._payload if kind is not TaskKind.STATISTICS else None
         header = encode(MsgType.TASK, fields, payload)[0]
         assert isinstance(header, bytes) and header.count(_TID_MARK + b',"round":%d,' % rnd) == 1
         return header
+
+    def _task_codec_params(self) -> dict[str, Any]:
+        """The ``codec_params`` train tasks carry (a subclass may add to them)."""
+        return dict(self.fed.codec_params)
 
     def _send_task(self, op: OpenRound, tid: str, rid: bytes, header: bytes | None = None, *,
                    name: str | None = None) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from fedgate.core import systemd
 from fedgate.core.errors import ConfigError, FedgateError
 from fedgate.core.keys import public_keys_in
-from fedgate.server.config import ServerConfig, load_config
+from fedgate.server.config import FederationMode, ServerConfig, load_config
 from fedgate.server.coordinator import Coordinator
 from fedgate.server.metrics import ServerMetrics
 from fedgate.server.spec import load_model_spec
@@ -67,6 +67,8 @@ class Server:
             coordinator_cls: type[Coordinator] = Coordinator
             if cfg.relay is not None:  # lazily: a plain server never loads the relay (nor agent code)
                 from fedgate.server.relay_coordinator import RelayCoordinator as coordinator_cls
+            elif cfg.federation.mode is FederationMode.ASYNC:  # buffered asynchronous rounds
+                from fedgate.server.async_coordinator import AsyncCoordinator as coordinator_cls
             self.coordinator = coordinator_cls(cfg, model, self.transport.send, history=self.history,
                                                checkpoints=checkpoints, metrics=self.metrics,
                                                population=self._population)
