@@ -262,6 +262,18 @@ def test_two_relays_and_a_direct_gateway_equal_the_flat_federation(tiers):
         assert fedtools.stop(tier.procs[name]) == 0, tier.log(name)
 
 
+def test_q8_updates_through_relays_stay_close_to_the_flat_federation(tiers):
+    # the gateways quantize with headquarters' codec, the relays quantize their combination again
+    q8 = {"codec": "q8", "codec_params": {"block": 64}}
+    flat = tiers("flat", rounds=3, flat=True, evaluate=False, hq_fed=q8)
+    want = _run(flat).arrays["params"]
+    flat.shutdown()
+    tier = tiers("tier", rounds=3, evaluate=False, hq_fed=q8)
+    got = _run(tier).arrays["params"]
+    assert not np.array_equal(got, want)  # quantized twice on this path
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.1)
+
+
 def _local_outbox_rounds(tier: Tier, gw: str) -> list[int]:
     path = tier.root / f"{gw}.db"
     if not path.exists():
