@@ -69,9 +69,10 @@ class SynthHandler:
     """A :class:`~fedgate.agent.uplink.TaskHandler` on :func:`agent_data`."""
 
     def __init__(self, seed: int, n_samples: int, n_features: int, model_out: Path | None,
-                 train_delay_s: float = 0.0) -> None:
+                 train_delay_s: float = 0.0, pause_file: Path | None = None) -> None:
         self.seed = seed
         self.train_delay_s = train_delay_s
+        self.pause_file = pause_file  # a train task waits while this file exists (a stopped gateway)
         self.features = [f"f{i}" for i in range(n_features)]
         self.X, self.y = agent_data(seed, n_samples, n_features)
         self.model_out = model_out
@@ -112,6 +113,8 @@ class SynthHandler:
             return TaskOutcome(n_samples=n, metrics={"loss": float(model.loss(X, self.y))})
         if self.train_delay_s:
             time.sleep(self.train_delay_s)
+        while self.pause_file is not None and self.pause_file.exists():
+            time.sleep(0.02)
         h = task.hyper
         mu = float(h.get("prox_mu") or 0.0)
         report = model.fit(X, self.y, epochs=int(h["epochs"]), batch_size=int(h["batch_size"]),
@@ -235,7 +238,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     else:
         cls = BrokenHandler if args.mode == "broken" else SynthHandler
         handler = cls(args.seed, args.n_samples, args.n_features,
-                      Path(args.model_out) if args.model_out else None, args.train_delay)
+                      Path(args.model_out) if args.model_out else None, args.train_delay,
+                      Path(args.pause_file) if args.pause_file else None)
     uplink = Uplink(cfg, agent_name=args.name, db_path=args.db, handler=handler)
     cpu_start = time.process_time()
 
@@ -328,7 +332,8 @@ def agent_command(name: str, *, server: str, db: Path, keys: dict[str, Path] | N
                   mode: str = "synth", n_samples: int = 200, n_features: int = 4,
                   model_out: Path | None = None, report: Path | None = None,
                   heartbeat: str = "500ms", dead_after: str = "3s", log_level: str = "info",
-                  train_delay_s: float = 0.0, profile: Path | None = None) -> list[str]:
+                  train_delay_s: float = 0.0, profile: Path | None = None,
+                  pause_file: Path | None = None) -> list[str]:
     cmd = [sys.executable, str(HERE), "agent", "--name", name, "--server", server, "--db", str(db),
            "--seed", str(seed), "--mode", mode, "--n-samples", str(n_samples), "--n-features", str(n_features),
            "--heartbeat", heartbeat, "--dead-after", dead_after, "--log-level", log_level,
@@ -344,6 +349,8 @@ def agent_command(name: str, *, server: str, db: Path, keys: dict[str, Path] | N
         cmd += ["--report", str(report)]
     if profile is not None:
         cmd += ["--profile", str(profile)]
+    if pause_file is not None:
+        cmd += ["--pause-file", str(pause_file)]
     return cmd
 
 
@@ -391,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--model-out")
     a.add_argument("--train-delay", type=float, default=0.0, help="seconds each train task sleeps")
     a.add_argument("--report")
+    a.add_argument("--pause-file", help="train tasks wait while this file exists")
     a.add_argument("--profile", help="write cProfile stats of the agent's run here")
     a.add_argument("--heartbeat", default="500ms")
     a.add_argument("--dead-after", default="3s")
