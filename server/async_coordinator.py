@@ -43,6 +43,7 @@ __all__ = ["AsyncCoordinator", "Issued", "staleness_weight"]
 log = logging.getLogger(__name__)
 
 _STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+_DISPATCH_EVERY_S = 0.25  # tick looks for idle agents this often (results and hellos dispatch at once)
 
 
 def staleness_weight(n_samples: int, tau: int, exponent: float) -> float:
@@ -74,6 +75,7 @@ class AsyncCoordinator(Coordinator):
         self.by_agent: dict[str, set[str]] = {}    # agent -> its task ids in ``issued``
         self.told: dict[str, int] = {}             # agent -> the last ``committed`` sent to it
         self._last_issue: dict[str, float] = {}    # agent -> when it last got a task (fair order)
+        self._dispatched = -math.inf               # clock() of the last periodic dispatch
         metrics = kwargs["metrics"]
         staleness = getattr(metrics, "staleness", None)
         if staleness is None:
@@ -118,6 +120,9 @@ class AsyncCoordinator(Coordinator):
             return
         self.history.expire_tasks_after(rnd)
         db = self.history.db
+        with self.history.transaction():  # rows of rounds aggregated in memory only: they are taken again
+            db.execute("DELETE FROM agent_metrics WHERE kind = 'train' AND round > ?", (self.committed,))
+            db.execute("DELETE FROM rounds WHERE kind = 'train' AND round > ?", (self.committed,))
         oldest = rnd - self.fed.max_staleness
         durable = {t for (t,) in db.execute(
             "SELECT task_id FROM agent_metrics WHERE kind = 'train' AND round <= ? AND round >= ?",
@@ -167,6 +172,13 @@ class AsyncCoordinator(Coordinator):
             else:  # same nonce and round, today's model: a delta from it rebases the same way
                 self._send_task(op, tid, rid, self._task_header(task.round, TaskKind.TRAIN), name=name)
         self._dispatch(now)
+
+    def tick(self) -> None:
+        super().tick()
+        now = self.clock()
+        if now - self._dispatched >= _DISPATCH_EVERY_S:  # agents alive again without a hello
+            self._dispatched = now
+            self._dispatch(now)
 
     def _open_round(self, now: float) -> OpenRound | None:
         rnd, kind = self.next_round()
