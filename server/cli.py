@@ -132,7 +132,7 @@ def status_report(config: str) -> dict[str, Any]:
 
     cfg = load_config(config)
     report: dict[str, Any] = {"federation": cfg.federation.name, "rounds_planned": cfg.federation.rounds,
-                              "strategy": cfg.strategy.name.value}
+                              "strategy": cfg.strategy.name.value, "mode": cfg.federation.mode.value}
     ckpt, path, fallbacks = _newest_checkpoint(cfg)
     report["checkpoint"] = None if ckpt is None else {
         "path": str(path), "round": ckpt.round, "phase": ckpt.phase, "created": ckpt.created,
@@ -156,6 +156,10 @@ def status_report(config: str) -> dict[str, Any]:
                          "noise_multiplier": cfg.privacy.noise_multiplier,
                          "epsilon": eps if cfg.privacy.enabled else None}
     report["relay"] = None if cfg.relay is None else _relay_report(cfg)
+    fed = cfg.federation
+    report["async"] = None if fed.mode.value != "async" else {
+        "buffer_size": fed.buffer_size or fed.min_agents, "max_staleness": fed.max_staleness,
+        "staleness_exponent": fed.staleness_exponent, "concurrency": fed.concurrency}
     return report
 
 
@@ -201,6 +205,10 @@ def _status(config: str, as_json: bool) -> int:
               else f"{report['train_rounds']} local train rounds combined (rounds set by headquarters)")
     lines += [f"federation {report['federation']} ({report['strategy']}): {rounds}",
              "checkpoint: " + ("none" if ck is None else f"round {ck['round']} ({ck['phase']}) {ck['path']}")]
+    if report["async"] is not None:
+        a = report["async"]
+        lines.append(f"mode: async (buffer_size {a['buffer_size']}, max_staleness {a['max_staleness']}, "
+                     f"staleness_exponent {a['staleness_exponent']:g}, concurrency {a['concurrency'] or 'any'})")
     if report["last_train_metrics"]:
         lines.append("last train metrics: " + _fmt(report["last_train_metrics"]))
     if report["last_eval_metrics"]:

@@ -67,7 +67,7 @@ def federations(tmp_path: Path) -> Iterator[Callable[..., AsyncFederation]]:
     yield from federation_factory(tmp_path, AsyncFederation)
 
 
-def test_async_converges_and_fast_agents_do_not_wait_for_the_slow_one(federations):
+def test_async_converges_and_fast_agents_do_not_wait_for_the_slow_one(federations, capsys):
     names = ["press-01", "press-02", "press-03", "press-04"]
     rounds = 40
     fed = federations("conv", names, rounds=rounds, min_agents=2, curve=False,
@@ -91,6 +91,13 @@ def test_async_converges_and_fast_agents_do_not_wait_for_the_slow_one(federation
     assert {n for (n,) in sizes} == {3}
     fed.assert_each_task_accepted_at_most_once()
     fed.wait(lambda: all(not _outbox_rounds(fed, n) for n in names), "every outbox to empty", timeout_s=30)
+    # fedgate-server status shows the mode and the mean staleness of the last round
+    from fedgate.server.cli import main
+
+    assert main(["status", "--config", str(fed.config)]) == 0
+    out = capsys.readouterr().out
+    assert "mode: async (buffer_size 3, max_staleness 30, staleness_exponent 0.5, concurrency any)" in out
+    assert f"{rounds} of {rounds} train rounds committed" in out and "staleness" in out
 
 
 def test_an_agent_stopped_longer_than_max_staleness_is_refused_as_stale_then_contributes(federations):
