@@ -76,6 +76,8 @@ class AsyncCoordinator(Coordinator):
         self.told: dict[str, int] = {}             # agent -> the last ``committed`` sent to it
         self._last_issue: dict[str, float] = {}    # agent -> when it last got a task (fair order)
         self._dispatched = -math.inf               # clock() of the last periodic dispatch
+        self.training: set[str] = set()            # agents with a task whose result is not in yet
+        self._idle: set[str] = set()               # agents that may have become idle since the last dispatch
         metrics = kwargs["metrics"]
         staleness = getattr(metrics, "staleness", None)
         if staleness is None:
@@ -90,6 +92,7 @@ class AsyncCoordinator(Coordinator):
     def _issue(self, tid: str, name: str, rnd: int) -> None:
         self.issued[tid] = Issued(name, rnd)
         self.by_agent.setdefault(name, set()).add(tid)
+        self.training.add(name)
 
     def _forget(self, tid: str) -> None:
         task = self.issued.pop(tid, None)
@@ -99,9 +102,15 @@ class AsyncCoordinator(Coordinator):
                 tids.discard(tid)
                 if not tids:
                     del self.by_agent[task.agent]
+            self._refresh(task.agent)
 
-    def _busy(self, name: str) -> bool:
-        return any(self.issued[t].aggregated is None for t in self.by_agent.get(name, ()))
+    def _refresh(self, name: str) -> None:
+        """Keep ``training`` right for ``name`` after one of its tasks changed."""
+        if any(self.issued[t].aggregated is None for t in self.by_agent.get(name, ())):
+            self.training.add(name)
+        else:
+            self.training.discard(name)
+            self._idle.add(name)
 
     def commit_cap(self, name: str) -> int:
         """The highest round ``name`` may be told committed: min(durable, oldest open task's round - 1)."""
@@ -143,6 +152,7 @@ class AsyncCoordinator(Coordinator):
             if v == rnd:
                 op.tasks[tid] = agent
         self.history.set_task_status((t, "issued") for t in again)
+        self.durable = max(self.durable, self.committed)  # its checkpoint is on disk
         log.info("resuming async train round %d with %d outstanding tasks; agents re-send their results",
                  rnd, len(again))
 
@@ -171,6 +181,7 @@ class AsyncCoordinator(Coordinator):
                 self.history.set_task_status([(tid, "expired")])
             else:  # same nonce and round, today's model: a delta from it rebases the same way
                 self._send_task(op, tid, rid, self._task_header(task.round, TaskKind.TRAIN), name=name)
+        self._idle.add(name)
         self._dispatch(now)
 
     def tick(self) -> None:
@@ -178,7 +189,7 @@ class AsyncCoordinator(Coordinator):
         now = self.clock()
         if now - self._dispatched >= _DISPATCH_EVERY_S:  # agents alive again without a hello
             self._dispatched = now
-            self._dispatch(now)
+            self._dispatch(now, scan=True)
 
     def _open_round(self, now: float) -> OpenRound | None:
         rnd, kind = self.next_round()
@@ -192,19 +203,34 @@ class AsyncCoordinator(Coordinator):
         self.strategy.begin(self.params, expected=self.buffer_size)
         op.header = self._task_header(rnd, kind)
         self.open = op
-        self._pick(op)
+        self._pick(op, scan=True)
         return op
 
-    def _pick(self, op: OpenRound) -> dict[str, str]:
-        """Give idle ready agents tasks of ``op`` (written to the history; sent by the caller)."""
-        alive = self.registry.alive()
-        idle = [a.name for a in alive if not self._busy(a.name)]
+    def _pick(self, op: OpenRound, *, scan: bool = False) -> dict[str, str]:
+        """Give idle ready agents tasks of ``op`` (written to the history; sent by the caller).
+
+        ``scan``: look at every live agent; else only at those that became idle since
+        the last call (a result, a refusal, a hello), so a result costs O(1), not O(agents).
+        """
+        if scan or self.fed.concurrency:  # with a cap, the agent idle longest takes a free slot
+            self._idle.clear()
+            idle = sorted(a.name for a in self.registry.alive() if a.name not in self.training)
+        else:
+            candidates, self._idle = self._idle, set()
+            idle = []
+            for name in sorted(candidates):
+                agent = self.registry.get(name)
+                if agent is not None and agent.alive and name not in self.training:
+                    idle.append(name)
         if not idle:
             return {}
         if self.fed.concurrency:
-            training = sum(1 for a in alive if self._busy(a.name))
-            idle.sort(key=lambda n: (self._last_issue.get(n, -math.inf), n))  # the longest idle first
-            idle = idle[:max(0, self.fed.concurrency - training)]
+            busy = sum(1 for n in self.training if (a := self.registry.get(n)) is not None and a.alive)
+            free = max(0, self.fed.concurrency - busy)
+            if free < len(idle):
+                idle.sort(key=lambda n: (self._last_issue.get(n, -math.inf), n))  # the longest idle first
+                # the others wait for a free slot: the next scan (tick) finds them
+                idle = idle[:free]
         if not idle:
             return {}
         tasks = dict(zip(new_task_ids(len(idle)), idle))
@@ -218,12 +244,12 @@ class AsyncCoordinator(Coordinator):
             self._last_issue[name] = now
         return tasks
 
-    def _dispatch(self, now: float) -> None:
+    def _dispatch(self, now: float, *, scan: bool = False) -> None:
         """Send tasks of the open round to the agents that are idle."""
         op = self.open
         if op is None or op.kind is not TaskKind.TRAIN:
             return
-        for tid, name in self._pick(op).items():
+        for tid, name in self._pick(op, scan=scan).items():
             agent = self.registry.get(name)
             if agent is not None:
                 self._send_task(op, tid, agent.routing_id, name=name)
@@ -273,9 +299,11 @@ class AsyncCoordinator(Coordinator):
                 self._forget(tid)  # the agent drops it on the refusal and is idle again
                 op.done[tid] = "rejected"
             self._ack(rid, tid, "rejected", rej.reason)
+            self._idle.add(name)
             self._dispatch(now)
             return
         task.aggregated = op.round
+        self._refresh(name)
         op.done[tid] = "accepted"
         self._accepted[TaskKind.TRAIN].inc()
         self._staleness.observe(tau)

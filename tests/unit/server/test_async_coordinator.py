@@ -336,3 +336,18 @@ def test_the_agent_delta_encoding_round_trips(tmp_path: Path, name: str):
 
     params, _ = check_update(UpdateValidator(300, 1e6), buf, glob, lambda: np.empty(300, dtype=np.float32))
     np.testing.assert_allclose(params, new, atol=tol)
+
+
+def test_async_mode_on_a_relay_is_a_config_error(tmp_path: Path):
+    path = write_config(tmp_path, federation={"mode": "async"})
+    path.write_text(path.read_text() + '[relay]\nname = "plant-7"\n')
+    with pytest.raises(ConfigError, match="relay") as err:
+        load_config(path)
+    assert "federation.mode" in str(err.value) and "async" in str(err.value)
+
+
+def test_status_names_the_mode_and_counts_outstanding_tasks(rig: Rig):
+    rig.take()
+    st = rig.co.status()
+    assert st["mode"] == "async" and st["buffer_size"] == 2 and st["outstanding"] == 3
+    assert st["open"]["round"] == 1
