@@ -385,7 +385,8 @@ class AsyncCoordinator(Coordinator):
         self._notify(alive)
         if self.committed == op.round:  # else a later round's broadcast sends the newer model
             for agent in alive:
-                self.send(agent.routing_id, self._model_frames)
+                if not self._carried(agent.name, op.round):
+                    self.send(agent.routing_id, self._model_frames)
         if self.fed.evaluate and alive:
             tasks = dict(zip(new_task_ids(len(alive)), alive))
             self.history.add_tasks(TaskRow(tid, op.round, TaskKind.EVALUATE.value, a.name, time.time(), "issued")
@@ -394,6 +395,14 @@ class AsyncCoordinator(Coordinator):
             ev = OpenRound(op.round, TaskKind.EVALUATE, {}, op.started, op.deadline)
             for tid, a in tasks.items():
                 self._send_task(ev, tid, a.routing_id, header, name=a.name)
+
+    def _carried(self, name: str, rnd: int) -> bool:
+        """``name`` takes the model of round ``rnd`` from a task (``task_models``), so no ``model`` message:
+        it was told ``committed`` >= ``rnd`` and holds a train task of round ``rnd`` + 1 (which
+        carries that model), or an evaluate task of ``rnd`` follows."""
+        if name not in self.task_models or self.told.get(name, -1) < rnd:
+            return False
+        return self.fed.evaluate or any(self.issued[t].round == rnd + 1 for t in self.by_agent.get(name, ()))
 
     def _notify(self, agents: list[Any]) -> None:
         """Send each agent its commit cap when it grew."""

@@ -91,6 +91,10 @@ def test_async_converges_and_fast_agents_do_not_wait_for_the_slow_one(federation
     assert {n for (n,) in sizes} == {3}
     fed.assert_each_task_accepted_at_most_once()
     fed.wait(lambda: all(not _outbox_rounds(fed, n) for n in names), "every outbox to empty", timeout_s=30)
+    fed.wait(lambda: all((fed.root / f"{n}.model.round").exists()
+                         and int((fed.root / f"{n}.model.round").read_text()) == rounds for n in names),
+             f"agents to hold the model of round {rounds}", timeout_s=30)
+    np.testing.assert_allclose(np.load(fed.root / "press-04.model.npy"), params, rtol=0, atol=1e-6)
     # fedgate-server status shows the mode and the mean staleness of the last round
     from fedgate.server.cli import main
 

@@ -351,3 +351,17 @@ def test_status_names_the_mode_and_counts_outstanding_tasks(rig: Rig):
     st = rig.co.status()
     assert st["mode"] == "async" and st["buffer_size"] == 2 and st["outstanding"] == 3
     assert st["open"]["round"] == 1
+
+
+def test_the_new_model_goes_as_a_message_only_to_agents_whose_task_does_not_carry_it(rig: Rig):
+    got = tasks(rig.take())
+    rig.answer(A, got[A], 0.5)   # A's next task is of round 1: it carries the model of round 0
+    rig.answer(B, got[B], 0.5)   # round 1 closes; B's next task is of round 2: it carries round 1's model
+    rig.take()
+    rig.durable()
+    msgs = rig.take()
+    kinds = {name: [m[0] for m in got_] for name, got_ in msgs.items()}
+    assert kinds[B] == ["committed"] and committed(msgs[B]) == [1]
+    assert kinds[A] == ["committed", "model"] and committed(msgs[A]) == [0]
+    assert kinds[C] == ["committed", "model"] and committed(msgs[C]) == [0]
+    np.testing.assert_allclose(msgs[A][1][2], rig.co.params)
