@@ -28,14 +28,18 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Histogram
 
 from fedgate.core.protocol import Message, MsgType, TaskKind, encode, new_task_ids
+from fedgate.server.config import ServerConfig
 from fedgate.server.coordinator import Coordinator, OpenRound
-from fedgate.server.store import TaskRow
+from fedgate.server.metrics import ServerMetrics
+from fedgate.server.spec import FederationModel
+from fedgate.server.store import CheckpointStore, History, TaskRow
 from fedgate.server.validate import Rejected, check_update
 
 __all__ = ["AsyncCoordinator", "Issued", "staleness_weight"]
@@ -67,8 +71,9 @@ class Issued:
 class AsyncCoordinator(Coordinator):
     """:class:`~fedgate.server.coordinator.Coordinator` with buffered asynchronous train rounds."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        cfg = args[0] if args else kwargs["cfg"]
+    def __init__(self, cfg: ServerConfig, model: FederationModel, send: Callable[[bytes, list[Any]], bool], *,
+                 history: History, checkpoints: CheckpointStore, metrics: ServerMetrics,
+                 population: Callable[[], int], clock: Callable[[], float] = time.monotonic) -> None:
         fed = cfg.federation
         self.buffer_size = fed.buffer_size or fed.min_agents
         self.issued: dict[str, Issued] = {}        # task_id -> task not yet in a durable round
@@ -78,15 +83,16 @@ class AsyncCoordinator(Coordinator):
         self._dispatched = -math.inf               # clock() of the last periodic dispatch
         self.training: set[str] = set()            # agents with a task whose result is not in yet
         self._idle: set[str] = set()               # agents that may have become idle since the last dispatch
-        metrics = kwargs["metrics"]
-        staleness = getattr(metrics, "staleness", None)
+        # registered once per registry (a restarted coordinator in the same process reuses it)
+        staleness: Histogram | None = getattr(metrics, "staleness", None)
         if staleness is None:
             staleness = Histogram("fedgate_server_update_staleness", "Staleness (rounds) of accepted async results",
                                   buckets=_STALENESS_BUCKETS, registry=metrics.registry)
-            metrics.staleness = staleness
+            setattr(metrics, "staleness", staleness)
         self._staleness = staleness
         metrics.rejected.labels("stale")
-        super().__init__(*args, **kwargs)
+        super().__init__(cfg, model, send, history=history, checkpoints=checkpoints, metrics=metrics,
+                         population=population, clock=clock)
 
     # ================================================================ bookkeeping
     def _issue(self, tid: str, name: str, rnd: int) -> None:
