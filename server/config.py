@@ -256,8 +256,8 @@ def _check_codec_params(fed: FederationSection, file: str) -> None:
                 raise ConfigError("must be true or false", file=file, key=key, value=value)
             continue
         if name not in rules:
-            raise ConfigError(f"not a codec parameter (known: {', '.join(sorted([*rules, 'delta']))})", file=file, key=key,
-                              value=value)
+            known = ", ".join(sorted([*rules, "delta"]))
+            raise ConfigError(f"not a codec parameter (known: {known})", file=file, key=key, value=value)
         kind, lo, hi = rules[name]
         ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
