@@ -195,7 +195,23 @@ class AsyncCoordinator(Coordinator):
         now = self.clock()
         if now - self._dispatched >= _DISPATCH_EVERY_S:  # agents alive again without a hello
             self._dispatched = now
+            self._expire_stale()
             self._dispatch(now, scan=True)
+
+    def _expire_stale(self) -> None:
+        """Expire tasks out for more than ``max_staleness`` rounds: their results would be refused
+        anyway, and an agent whose task was lost (a dropped message) becomes idle and gets a new one."""
+        op = self.open
+        if op is None or op.kind is not TaskKind.TRAIN:
+            return
+        oldest = op.round - self.fed.max_staleness
+        out = [t for t, i in self.issued.items() if i.aggregated is None and i.round < oldest]
+        for tid in out:
+            log.info("task %s of %s (round %d) is more than %d rounds old: expired", tid, self.issued[tid].agent,
+                     self.issued[tid].round, self.fed.max_staleness)
+            self._forget(tid)
+        if out:
+            self.history.set_task_status((t, "expired") for t in out)
 
     def _open_round(self, now: float) -> OpenRound | None:
         rnd, kind = self.next_round()

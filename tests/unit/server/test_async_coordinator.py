@@ -365,3 +365,21 @@ def test_the_new_model_goes_as_a_message_only_to_agents_whose_task_does_not_carr
     assert kinds[A] == ["committed", "model"] and committed(msgs[A]) == [0]
     assert kinds[C] == ["committed", "model"] and committed(msgs[C]) == [0]
     np.testing.assert_allclose(msgs[A][1][2], rig.co.params)
+
+
+def test_a_task_out_longer_than_max_staleness_is_expired_and_its_agent_gets_a_new_one(rig: Rig):
+    got = tasks(rig.take())
+    lost = got[C]  # as if the task never reached C
+    for _ in range(3):
+        rig.answer(A, got[A], 0.1)
+        rig.answer(B, got[B], 0.1)
+        got.update(tasks(rig.take()))
+    assert rig.co.open.round == 4 and lost[1]["task_id"] in rig.co.issued
+    rig.now += 1.0
+    rig.co.tick()
+    fresh = tasks(rig.take())[C]
+    assert fresh[1]["round"] == 4 and lost[1]["task_id"] not in rig.co.issued
+    assert rig.history.task(lost[1]["task_id"]).status == "expired"
+    rig.answer(C, lost, 0.1)  # if it comes after all: refused as stale
+    acks = [m[1] for m in rig.take()[C] if m[0] == "ack"]
+    assert acks[0]["reason"] == "stale"
