@@ -32,8 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Histogram
-
 from fedgate.core.protocol import Message, MsgType, TaskKind, encode, new_task_ids
 from fedgate.server.config import ServerConfig
 from fedgate.server.coordinator import Coordinator, OpenRound
@@ -46,7 +44,6 @@ __all__ = ["AsyncCoordinator", "Issued", "staleness_weight"]
 
 log = logging.getLogger(__name__)
 
-_STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 _DISPATCH_EVERY_S = 0.25  # tick looks for idle agents this often (results and hellos dispatch at once)
 
 
@@ -83,13 +80,7 @@ class AsyncCoordinator(Coordinator):
         self._dispatched = -math.inf               # clock() of the last periodic dispatch
         self.training: set[str] = set()            # agents with a task whose result is not in yet
         self._idle: set[str] = set()               # agents that may have become idle since the last dispatch
-        # registered once per registry (a restarted coordinator in the same process reuses it)
-        staleness: Histogram | None = getattr(metrics, "staleness", None)
-        if staleness is None:
-            staleness = Histogram("fedgate_server_update_staleness", "Staleness (rounds) of accepted async results",
-                                  buckets=_STALENESS_BUCKETS, registry=metrics.registry)
-            setattr(metrics, "staleness", staleness)
-        self._staleness = staleness
+        self._staleness = metrics.staleness
         metrics.rejected.labels("stale")
         super().__init__(cfg, model, send, history=history, checkpoints=checkpoints, metrics=metrics,
                          population=population, clock=clock)

@@ -6,6 +6,7 @@ units, ``_total`` counters).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -58,6 +59,13 @@ class ServerMetrics:
             self.rounds.labels(kind)
         self._http: Any = None
         self._thread: Any = None
+
+    @functools.cached_property
+    def staleness(self) -> Histogram:
+        """Staleness (rounds) of accepted results; asynchronous mode only, so it is
+        registered when first used (a synchronous server does not export it)."""
+        return Histogram("fedgate_server_update_staleness", "Staleness (rounds) of accepted async results",
+                         buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=self.registry)
 
     def serve(self, address: str) -> int:
         """Start the HTTP endpoint on ``HOST:PORT`` (port 0: any free one); returns the port."""
