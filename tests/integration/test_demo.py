@@ -136,6 +136,13 @@ def test_interrupt_stops_every_process(tmp_path: Path) -> None:
     assert leftovers(workdir, result["pids"]) == []
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:  # gone meanwhile
+        return []
+
+
 def test_a_daemon_dying_fails_the_demo_cleanly(tmp_path: Path) -> None:
     workdir, report = tmp_path / "work", tmp_path / "demo.json"
     proc = subprocess.Popen(
@@ -150,12 +157,14 @@ def test_a_daemon_dying_fails_the_demo_cleanly(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the demo's agents did not start"
             time.sleep(0.2)
         victim = None
+        config = str(workdir / "sites" / "site-b" / "agent.toml")
         while victim is None:  # the database can appear before the daemon (commissioning runs first)
             assert proc.poll() is None, proc.communicate()[0]
             assert time.monotonic() < deadline, "the demo's agent for site-b did not start"
-            victim = next((p for p in psutil.process_iter(["pid", "cmdline"])
-                           if any("site-b/agent.toml" in part for part in (p.info["cmdline"] or []))
-                           and "run" in (p.info["cmdline"] or [])), None)
+            # this demo's own agent (by its config's full path): another run's demo may be alive too
+            victim = next((p for p in psutil.Process(proc.pid).children(recursive=True)
+                           if _cmdline(p) and any(part.endswith(config) or part == config
+                                                  for part in _cmdline(p)) and "run" in _cmdline(p)), None)
             if victim is None:
                 time.sleep(0.1)
         victim.kill()
