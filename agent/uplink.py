@@ -32,7 +32,7 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,15 @@ class Uplink:
     handler : TaskHandler
         Runs tasks (blocking, in a worker thread) and takes published models (on the
         uplink's thread: ``on_model`` must return quickly).
+    software : str
+        Reported in ``hello``.
+    inline_tasks : bool
+        Let a kind of task that proved short (little CPU) run on the link thread, without
+        two thread hand-offs. Off for a handler whose tasks wait rather than compute
+        (a relay's task waits for a whole local round).
+    on_committed : callable(round), optional
+        Called on the uplink's thread with each commit notice, after the outbox dropped
+        the results it covers; must return quickly.
 
     Raises
     ------
@@ -114,7 +123,8 @@ class Uplink:
     """
 
     def __init__(self, cfg: UplinkConfig, *, agent_name: str, db_path: str | Path,
-                 handler: TaskHandler, software: str = SOFTWARE) -> None:
+                 handler: TaskHandler, software: str = SOFTWARE, inline_tasks: bool = True,
+                 on_committed: Callable[[int], None] | None = None) -> None:
         if not protocol.valid_agent_name(agent_name):
             raise ValueError(f"agent name {agent_name!r} is not valid (letters, digits, '.', '_', '-')")
         self.cfg = cfg
@@ -141,7 +151,9 @@ class Uplink:
         self._sock: zmq.Socket | None = None
         self._stop_requested = False
         self._executor: ThreadPoolExecutor | None = None
-        self._inline_max_s = _INLINE_MAX_S  # (set per session from the heartbeat)
+        self._inline_tasks = inline_tasks  # short tasks may run on the link thread
+        self._inline_max_s = _INLINE_MAX_S if inline_tasks else -1.0  # (set per session from the heartbeat)
+        self._on_committed_hook = on_committed
         self._wake_r, self._wake_w = os.pipe()  # stop() and finished tasks wake the poll loop
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -230,6 +242,17 @@ class Uplink:
         self._stop_requested = True
         self._wake()
 
+    def rejoin(self) -> None:
+        """Say ``hello`` again on the current connection (safe from any thread).
+
+        The server then re-sends this agent's pending task of its open round, with the
+        same nonce (e.g. after a task failed for a reason that has passed). A message
+        arriving before the new ``welcome`` is dropped, as after any reconnect.
+        """
+        self.counters["rejoins"] += 1
+        self._registered = False
+        self._wake()
+
     def close(self) -> None:
         """Release the state file (after :meth:`run` has returned)."""
         self._outbox.close()
@@ -314,7 +337,7 @@ class Uplink:
         """(dead-server time, heartbeat) for the loop, which change only with a welcome; also
         sets the CPU time under which a task runs on the link thread."""
         heartbeat = self._heartbeat_s()
-        self._inline_max_s = min(_INLINE_MAX_S, heartbeat / 20)
+        self._inline_max_s = min(_INLINE_MAX_S, heartbeat / 20) if self._inline_tasks else -1.0
         return self._dead_after_s(), heartbeat
 
     def _backoff(self, attempt: int) -> float:
@@ -623,6 +646,8 @@ class Uplink:
             self._deliver_model(*got, from_task=True)
         self.counters["outbox_dropped_committed"] += dropped
         log.debug("uplink: round %d committed; %d results dropped from the outbox", round_, dropped)
+        if self._on_committed_hook is not None:
+            self._on_committed_hook(round_)
 
     def _on_model(self, f: dict[str, Any], payload: memoryview | None) -> None:
         assert payload is not None  # the protocol requires it

@@ -157,35 +157,6 @@ class RelayHandler:
         self.relay.post(("model", model))
 
 
-class _RelayUplink(Uplink):
-    """The agent's uplink with three relay-specific twists.
-
-    Its tasks never run on the link thread (a relay's task waits for a whole local
-    round while using almost no CPU, which would make the uplink judge it "short"),
-    every commit notice from headquarters is passed on to the relay, and the relay
-    may say hello again (:meth:`rejoin`).
-    """
-
-    relay: Relay
-
-    def _session_times(self) -> tuple[float, float]:
-        times = super()._session_times()
-        self._inline_max_s = -1.0
-        return times
-
-    def _on_committed(self, round_: int) -> None:
-        super()._on_committed(round_)
-        self.relay.post(("committed", round_))
-
-    def rejoin(self) -> None:
-        """Say hello again (any thread): headquarters then re-sends the task of its open round
-        that this relay failed, with the same nonce. A message arriving before the new
-        welcome is dropped, as after any reconnect (commit notices come again with later rounds)."""
-        self.counters["rejoins"] += 1
-        self._registered = False
-        self._wake()
-
-
 class Relay:
     """The relay's upstream side, owned by the server daemon.
 
@@ -240,14 +211,15 @@ class Relay:
             self.m_failures.labels(reason)
         coordinator.on_failure = self.count_failure
         try:
-            uplink = _RelayUplink(cfg.relay.uplink, agent_name=cfg.relay.name,
-                                  db_path=os.path.join(cfg.server.data_dir, "relay.db"),
-                                  handler=RelayHandler(self), software=SOFTWARE)
+            # a relay's task waits for a whole local round with almost no CPU: never on the link
+            # thread; every commit notice of headquarters goes on to the loop
+            self.uplink = Uplink(cfg.relay.uplink, agent_name=cfg.relay.name,
+                                 db_path=os.path.join(cfg.server.data_dir, "relay.db"),
+                                 handler=RelayHandler(self), software=SOFTWARE, inline_tasks=False,
+                                 on_committed=lambda round_: self.post(("committed", round_)))
         except BaseException:
             self._close_pipe()
             raise
-        uplink.relay = self
-        self.uplink = uplink
 
     # ------------------------------------------------------------------ any thread
     def count_task(self, kind: str) -> None:
