@@ -1,9 +1,12 @@
 """docs/configuration.md is generated from the config dataclasses; this keeps it complete.
 
-Every key of agent.toml and server.toml is a field of a frozen config dataclass (its
-TOML name, type, default, unit and bounds live there); descriptions come from the
-field's ``doc``, else from the comment next to the key in ``deploy/*.toml``, else from
-:data:`DESCRIPTIONS` below; examples from ``deploy/*.toml`` or :data:`EXAMPLES`.
+Every key of agent.toml, server.toml and relay.toml is a field of a frozen config
+dataclass (its TOML name, type, default, unit and bounds live there); descriptions come
+from :data:`DESCRIPTIONS` below, else from the field's ``doc``, else from the comment next
+to the key in ``deploy/*.toml``; examples from ``deploy/*.toml``, else :data:`EXAMPLES`.
+Prose that belongs to a file or after a section's table lives in :data:`FILE_NOTES` and
+:data:`SECTION_NOTES`. ``docs/configuration.md`` must equal :func:`render` exactly, so
+edit this file, never the Markdown.
 
 Regenerate after changing a config section::
 
@@ -26,16 +29,18 @@ import pytest
 from fedgate.agent.config import AgentSection, FeatureConfig, LabelConfig, MetricsConfig, PredictConfig, SamplesConfig
 from fedgate.agent.config import StoreConfig
 from fedgate.agent.uplink import UplinkConfig
+from fedgate.core.errors import ConfigError
 from fedgate.core.model import ModelSpec
 from fedgate.drivers.config import LineDeviceConfig, LineTagConfig, ModbusDeviceConfig, ModbusTagConfig
 from fedgate.drivers.config import TransportConfig
 from fedgate.server.config import FederationSection, PrivacySection, ServerSection, StrategySection
+from fedgate.server.relay import RelaySection, _RelayKeys, parse_relay_section
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "configuration.md"
 
-# (file, section as written in TOML, dataclass, intro)
-SECTIONS: list[tuple[str, str, type, str]] = [
+# (file, section as written in TOML, dataclass or dataclasses whose fields make the section, intro)
+SECTIONS: list[tuple[str, str, type | tuple[type, ...], str]] = [
     ("agent.toml", "[agent]", AgentSection, "Who this gateway is and where it keeps its state."),
     ("agent.toml", "[uplink]", UplinkConfig,
      "The aggregation server and this agent's keys. Without `[uplink]` the agent samples, stores and predicts "
@@ -68,7 +73,56 @@ SECTIONS: list[tuple[str, str, type, str]] = [
     ("server.toml", "[privacy]", PrivacySection,
      "Differential privacy (DP-FedAvg): per-update clipping and Gaussian noise on the aggregate; off while "
      "`noise_multiplier = 0`."),
+    # RelaySection: `name` (built from _RelayKeys) plus every UplinkConfig key, flat in [relay]
+    ("relay.toml", "[relay]", (_RelayKeys, UplinkConfig),
+     "The relay as an agent of headquarters: its name there and its uplink (the keys of the\n"
+     "agent's `[uplink]`). Its results wait in `data_dir/relay.db` until headquarters commits\n"
+     "their round."),
 ]
+
+# Markdown printed after a file's `## FILE` heading, before its first section
+FILE_NOTES: dict[str, str] = {
+    "relay.toml": """\
+A relay is `fedgate-server run` with a `server.toml` that has a `[relay]` section
+(`deploy/relay.toml` is the complete, commented example; [deployment.md](deployment.md),
+section 10, explains the tier). `[server]` and `[federation.model]` are as above. On a
+relay:
+
+- `[federation]` must name the same model, ordered `features` and `label` as
+  headquarters'. The relay reads `name`, `features`, `label`, `min_agents`,
+  `min_available`, `fraction` (its local quorum and sampling), `round_timeout` (the
+  longest local round; a local round also keeps to 0.8 × the deadline of headquarters'
+  task), `download_codec` (keep `"f32"`) and `seed`. `rounds` may be left out (it
+  defaults to 0 on a relay); `rounds`, `statistics`, `evaluate`, `local_epochs`,
+  `batch_size`, `lr`, `lr_schedule`, `l2`, `prox_mu`, `codec` and `codec_params` are not
+  read: every task of headquarters carries what runs and how.
+- `[strategy] name` is `fedavg` (default), `fedprox` (the same combination),
+  `median`, `trimmed_mean`, `krum`, `multikrum` or `bulyan`; server optimizers
+  (`fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`) are a configuration error, since
+  headquarters applies those.
+- `[privacy]` with `noise_multiplier > 0` is a configuration error: noise is added
+  once, at headquarters.""",
+}
+
+# Markdown printed after a section's table
+SECTION_NOTES: dict[str, str] = {
+    "[federation]": """\
+**Asynchronous mode** (`mode = "async"`, FedBuff-style; [protocol.md](protocol.md),
+"Asynchronous rounds"). The statistics round runs as in sync mode. Then every ready
+agent without a task gets one at once, and round r closes as soon as `buffer_size`
+results are accepted, or at `round_timeout` with at least `min_agents`; an agent whose
+result is accepted gets its next task right away, so fast sites contribute often and
+a slow or intermittent site whenever it gets through. `fraction` and `min_available`
+apply to the statistics round only. A result issued in round v and arriving in round r
+has staleness r − v; above `max_staleness` it is refused, else weighted as above. Tasks
+ask for deltas (`codec_params.delta = true` is added for every codec) and the server
+adds its current model to each, so every strategy works unchanged. The default K is
+`min_agents`: a round then closes with the quorum a sync round needs, and a small
+federation never waits for results it cannot get. Configuration errors: `buffer_size`
+below `min_agents`; DP (`[privacy] noise_multiplier > 0`), because the accountant
+assumes agents sampled at a known rate each round, while an async round takes whoever
+answers first; and `mode = "async"` on a relay, which runs the rounds its upstream sends.""",
+}
 
 # descriptions for keys that have neither a field doc nor a comment in deploy/*.toml
 DESCRIPTIONS: dict[tuple[str, str], str] = {
@@ -189,7 +243,18 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("[federation]", "lr"): "Learning rate of local training.",
     ("[federation]", "lr_schedule"): "`constant` or `invscaling` (`lr / (t + 1) ** 0.25`).",
     ("[federation]", "l2"): "L2 penalty on weights in local training.",
-    ("[federation]", "codec_params"): "Codec parameters, e.g. `{block = 256}` for q8, `{k = 0.01}` for topk.",
+    ("[federation]", "codec_params"): "Codec parameters, e.g. `{block = 256}` for q8, `{k = 0.01}` for topk, "
+                                      "`{delta = true}` (any codec: agents send new − global; async tasks always "
+                                      "set it).",
+    ("[federation]", "mode"): "`sync`: rounds with a deadline and a quorum. `async`: buffered asynchronous "
+                              "aggregation (below).",
+    ("[federation]", "buffer_size"): "Async: results accepted per aggregation, K (0: `min_agents`; else at least "
+                                     "`min_agents`).",
+    ("[federation]", "max_staleness"): "Async: a result whose task is more than this many rounds old is refused "
+                                       "(`stale`).",
+    ("[federation]", "staleness_exponent"): "Async: a result weighs `n_samples * (1 + staleness) ** "
+                                            "-staleness_exponent`.",
+    ("[federation]", "concurrency"): "Async: at most this many agents training at a time (0: every ready agent).",
     ("[federation]", "local_epochs"): "Epochs over its stored samples each agent trains per round.",
     ("[federation.model]", "kind"): "`linear`, `logistic`, `softmax`, `mlp` or `autoencoder`.",
     ("[federation.model]", "n_features"): "Inputs; equals the length of `features`.",
@@ -213,6 +278,22 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("[[devices]] (serial line)", "tags"): "The device's `[[devices.tags]]` entries (next table).",
     ("[privacy]", "clip_norm"): "Each update's change is clipped to this L2 norm.",
     ("[privacy]", "delta"): "Epsilon is reported at this delta.",
+    ("[relay]", "name"): "The relay's agent name at headquarters: the stem of its public key file in headquarters' "
+                         "`agents_dir` (letters, digits, `-`, `_`, `.`).",
+    ("[relay]", "server"): "Headquarters' ROUTER endpoint, `tcp://HOST:PORT`.",
+    ("[relay]", "server_key"): "Headquarters' public key file; required unless `insecure`. Relative to the file's "
+                               "directory.",
+    ("[relay]", "secret_key"): "The relay's secret key file towards headquarters (mode 0600; may be the same pair "
+                               "as `[server] secret_key`); required unless `insecure`.",
+    ("[relay]", "insecure"): "No encryption and no authentication towards headquarters (labs only; warned at every "
+                             "start).",
+    ("[relay]", "heartbeat"): "Interval of heartbeats to headquarters.",
+    ("[relay]", "dead_after"): "Silence after which headquarters is taken for dead and the link recreated; default "
+                               "three heartbeats.",
+    ("[relay]", "hello_timeout"): "How long to wait for `welcome` after `hello` before trying again.",
+    ("[relay]", "reconnect_delay"): "First back-off after a lost link; doubles with jitter ...",
+    ("[relay]", "reconnect_delay_max"): "... up to this.",
+    ("[relay]", "max_message_size"): "Largest frame accepted from headquarters.",
 }
 
 EXAMPLES: dict[tuple[str, str], Any] = {
@@ -247,6 +328,12 @@ EXAMPLES: dict[tuple[str, str], Any] = {
     ("[federation.model]", "hidden"): [16],
     ("[federation.model]", "activation"): "relu",
     ("[federation.model]", "loss"): "log",
+    # the async keys are commented out in deploy/server.toml (sync is the default)
+    ("[federation]", "mode"): "async",
+    ("[federation]", "buffer_size"): 10,
+    ("[federation]", "max_staleness"): 8,
+    ("[federation]", "staleness_exponent"): 0.5,
+    ("[federation]", "concurrency"): 0,
 }
 
 _SECTION_PATH = {  # where a section's keys sit in the deploy templates
@@ -257,7 +344,9 @@ _SECTION_PATH = {  # where a section's keys sit in the deploy templates
     "[samples.label]": ("samples", "label"), "[store]": ("store",), "[predict]": ("predict",),
     "[metrics]": ("metrics",), "[server]": ("server",), "[federation]": ("federation",),
     "[federation.model]": ("federation", "model"), "[strategy]": ("strategy",), "[privacy]": ("privacy",),
+    "[relay]": ("relay",),
 }
+FILES = ("agent.toml", "server.toml", "relay.toml")  # each documented from its deploy/ template
 
 
 # ------------------------------------------------------------------------ templates
@@ -411,14 +500,19 @@ def bounds_text(f: dataclasses.Field) -> str:
     return ", ".join(parts)
 
 
-def fields_of(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")
-            and f.name not in ("file", "path")]
+def fields_of(source: type | tuple[type, ...]) -> list[tuple[dataclasses.Field, Any]]:
+    """``(field, type hint)`` of every TOML key of a section, in order (a tuple: its classes' keys in turn)."""
+    out = []
+    for cls in source if isinstance(source, tuple) else (source,):
+        hints = typing.get_type_hints(cls)
+        out += [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")
+                and f.name not in ("file", "path")]
+    return out
 
 
 def render() -> str:
-    comments = {name: template_comments(REPO / "deploy" / name) for name in ("agent.toml", "server.toml")}
-    values = {name: template_values(REPO / "deploy" / name) for name in ("agent.toml", "server.toml")}
+    comments = {name: template_comments(REPO / "deploy" / name) for name in FILES}
+    values = {name: template_values(REPO / "deploy" / name) for name in FILES}
     out = [
         "# Configuration reference",
         "",
@@ -445,12 +539,13 @@ def render() -> str:
         if file != current_file:
             current_file = file
             out += [f"## {file}", ""]
+            if file in FILE_NOTES:
+                out += [FILE_NOTES[file], ""]
         path = _SECTION_PATH[section]
-        hints = typing.get_type_hints(cls)
         out += [f"### `{section}`", "", intro, "",
                 "| key | type | default | allowed | description | example |",
                 "|---|---|---|---|---|---|"]
-        for f in fields_of(cls):
+        for f, hint in fields_of(cls):
             key = toml_key(f)
             desc = (DESCRIPTIONS.get((section, key)) or f.metadata.get("doc")
                     or comments[file].get(path, {}).get(key) or "")
@@ -461,10 +556,12 @@ def render() -> str:
             tables = isinstance(example, dict) or (isinstance(example, list) and any(isinstance(e, dict)
                                                                                    for e in example))
             ex = "" if example is None or tables else f"`{key} = {_toml(example)}`"
-            cells = [f"`{key}`", _type_name(hints[f.name], f.metadata.get("unit")), default_text(f),
+            cells = [f"`{key}`", _type_name(hint, f.metadata.get("unit")), default_text(f),
                      bounds_text(f), desc.replace("|", "\\|"), ex.replace("|", "\\|")]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+        if section in SECTION_NOTES:
+            out += [SECTION_NOTES[section], ""]
     return "\n".join(out)
 
 
@@ -486,16 +583,39 @@ def documented_keys(text: str) -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.parametrize("section,cls", [(s, c) for _, s, c, _ in SECTIONS], ids=[s for _, s, _, _ in SECTIONS])
-def test_every_config_key_is_documented_with_its_default(section: str, cls: type) -> None:
-    documented = documented_keys(DOC.read_text()).get(section)
+def test_every_config_key_is_documented_with_its_default(section: str, cls: type | tuple[type, ...]) -> None:
+    documented = documented_keys(DOC.read_text(encoding="utf-8")).get(section)
     assert documented is not None, f"docs/configuration.md has no section {section}; regenerate it"
-    want = {toml_key(f): default_text(f) for f in fields_of(cls)}
+    want = {toml_key(f): default_text(f) for f, _ in fields_of(cls)}
     missing = sorted(set(want) - set(documented))
     assert not missing, f"{section}: keys missing from docs/configuration.md: {missing}; regenerate it"
     wrong = {k: (documented[k], v) for k, v in want.items() if documented[k] != v}
     assert not wrong, f"{section}: documented default differs (doc, code): {wrong}; regenerate it"
     stale = sorted(set(documented) - set(want))
     assert not stale, f"{section}: docs/configuration.md lists keys that no longer exist: {stale}"
+
+
+def test_docs_equal_the_generated_reference() -> None:
+    generated, written = render(), DOC.read_text(encoding="utf-8")
+    if generated != written:
+        first = next((i for i, (a, b) in enumerate(zip(generated.splitlines(), written.splitlines())) if a != b),
+                     min(len(generated.splitlines()), len(written.splitlines())))
+        pytest.fail(f"docs/configuration.md differs from render() (first at line {first + 1}); edit "
+                    f"tests/integration/test_demo_configuration_docs.py, never the Markdown, and run "
+                    f"`.venv/bin/python tests/integration/test_demo_configuration_docs.py --write`")
+
+
+def test_relay_section_documents_exactly_the_keys_the_loader_accepts() -> None:
+    """``[relay]`` is ``RelaySection``: ``name`` plus the uplink's keys, flat; the loader lists what it allows."""
+    assert [f.name for f in dataclasses.fields(RelaySection)] == ["name", "uplink"]
+    assert typing.get_type_hints(RelaySection)["uplink"] is UplinkConfig
+    table = dict(template_values(REPO / "deploy" / "relay.toml")["relay"], not_a_key=1)
+    with pytest.raises(ConfigError) as info:
+        parse_relay_section(table, file="relay.toml", base_dir=str(REPO / "deploy"))
+    assert info.value.key == "relay.not_a_key"
+    allowed = set(re.search(r"allowed: ([^)]*)\)", str(info.value)).group(1).split(", "))
+    documented = set(documented_keys(render())["[relay]"])
+    assert documented == allowed
 
 
 def test_every_key_has_a_description() -> None:
@@ -506,7 +626,7 @@ def test_every_key_has_a_description() -> None:
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        DOC.write_text(render())
+        DOC.write_text(render(), encoding="utf-8")
         print(f"wrote {DOC}")
     else:
         sys.stdout.write(render())
