@@ -401,13 +401,7 @@ class AsyncCoordinator(Coordinator):
                 if not self._carried(agent.name, op.round):
                     self.send(agent.routing_id, self._model_frames)
         if self.fed.evaluate and alive:
-            tasks = dict(zip(new_task_ids(len(alive)), alive))
-            self.history.add_tasks(TaskRow(tid, op.round, TaskKind.EVALUATE.value, a.name, time.time(), "issued")
-                                   for tid, a in tasks.items())
-            header = self._task_header(op.round, TaskKind.EVALUATE)
-            ev = OpenRound(op.round, TaskKind.EVALUATE, {}, op.started, op.deadline)
-            for tid, a in tasks.items():
-                self._send_task(ev, tid, a.routing_id, header, name=a.name)
+            self._send_evaluations(op.round, alive)
 
     def _carried(self, name: str, rnd: int) -> bool:
         """``name`` takes the model of round ``rnd`` from a task (``task_models``), so no ``model`` message:

@@ -200,15 +200,20 @@ class Coordinator:
             return rnd, None
         return rnd, TaskKind.TRAIN
 
-    def _make_checkpoint(self, phase: str) -> Checkpoint:
-        arrays: dict[str, np.ndarray] = {"params": self.params}
-        if self.scaler is not None:
-            arrays["scaler_mean"], arrays["scaler_std"] = self.scaler
+    def _make_checkpoint(self, phase: str, *, params: np.ndarray | None = None,
+                         scaler: tuple[np.ndarray, np.ndarray] | None = None,
+                         extra: dict[str, Any] | None = None) -> Checkpoint:
+        """The checkpoint of the committed state (``params``/``scaler``: other than this
+        coordinator's own; ``extra``: more header fields)."""
+        scaler = self.scaler if scaler is None else scaler
+        arrays: dict[str, np.ndarray] = {"params": self.params if params is None else params}
+        if scaler is not None:
+            arrays["scaler_mean"], arrays["scaler_std"] = scaler
         for name, vec in self.strategy.state().items():
             arrays[f"strategy.{name}"] = vec.copy()  # updated in place by the next round
         meta = {"federation": self.fed.name, "spec": self.model.spec, "features": list(self.fed.features),
                 "label": self.fed.label, "n_params": self.model.n_params, "strategy": self.strategy.name,
-                "privacy_rates": list(self.accountant.rates)}
+                "privacy_rates": list(self.accountant.rates), **(extra or {})}
         return Checkpoint(round=max(self.committed, 0), phase=phase, arrays=arrays, meta=meta, created=time.time())
 
     def _encode_model(self) -> None:
@@ -737,15 +742,22 @@ class Coordinator:
             return
         self._publish_model(op, alive)
         if self.fed.evaluate and alive:
-            tasks = dict(zip(new_task_ids(len(alive)), alive))
-            self.history.add_tasks(TaskRow(tid, op.round, TaskKind.EVALUATE.value, a.name, time.time(), "issued")
-                                   for tid, a in tasks.items())
-            header = self._task_header(op.round, TaskKind.EVALUATE)
-            ev = OpenRound(op.round, TaskKind.EVALUATE, {}, op.started, op.deadline)
-            for tid, a in tasks.items():
-                self._send_task(ev, tid, a.routing_id, header, name=a.name)
+            self._send_evaluations(op.round, alive)
         if self._owed:  # e.g. an agent that was not alive to take its evaluate task
             self._pay_owed(set(self.open.tasks.values()) if self.open is not None else set())
+
+    def _send_evaluations(self, rnd: int, agents: list[Any]) -> dict[str, str]:
+        """Issue and send an evaluate task of the model of round ``rnd`` to each of ``agents``
+        (written to the history first); returns task id -> agent name."""
+        tasks = dict(zip(new_task_ids(len(agents)), agents))
+        now = time.time()
+        self.history.add_tasks(TaskRow(tid, rnd, TaskKind.EVALUATE.value, a.name, now, "issued")
+                               for tid, a in tasks.items())
+        header = self._task_header(rnd, TaskKind.EVALUATE)
+        ev = OpenRound(rnd, TaskKind.EVALUATE, {}, 0.0, 0.0)  # not retried: no tasks of its own
+        for tid, a in tasks.items():
+            self._send_task(ev, tid, a.routing_id, header, name=a.name)
+        return {tid: a.name for tid, a in tasks.items()}
 
     def _pay_owed(self, keep: set[str]) -> None:
         """Send the commit notices still owed, as messages of their own, except to ``keep``."""

@@ -32,9 +32,8 @@ import numpy as np
 from fedgate.core import aggregate as agg
 from fedgate.core import codec
 from fedgate.core.errors import AggregationError, FedgateError, TrainingError
-from fedgate.core.protocol import MsgType, TaskKind, encode, new_task_ids
+from fedgate.core.protocol import MsgType, TaskKind, encode
 from fedgate.server.coordinator import Coordinator, MetricMeans, OpenRound
-from fedgate.server.store import Checkpoint, TaskRow
 
 __all__ = ["RelayCoordinator", "RelayRequest", "RelayOutcome", "local_deadline_s", "DEADLINE_SHARE"]
 
@@ -313,14 +312,8 @@ class RelayCoordinator(Coordinator):
         if not alive:
             self._fail(req, "quorum", f"no gateway ready to evaluate the model of round {req.round}")
             return
-        tasks = dict(zip(new_task_ids(len(alive)), alive))
-        self.history.add_tasks(TaskRow(tid, req.round, TaskKind.EVALUATE.value, a.name, time.time(), "issued")
-                               for tid, a in tasks.items())
-        self.evaluation = _Evaluation(req, {tid: a.name for tid, a in tasks.items()})
-        header = self._task_header(req.round, TaskKind.EVALUATE)
-        for tid, a in tasks.items():
-            head = header.replace(_TID_MARK, b'"task_id":"' + tid.encode("ascii") + b'"', 1)
-            self.send(a.routing_id, [head, self._payload])
+        self.evaluation = ev = _Evaluation(req, {})  # its request gives the task header's fields
+        ev.tasks = self._send_evaluations(req.round, alive)
 
     def _on_evaluation(self, name: str, f: dict[str, Any]) -> None:
         super()._on_evaluation(name, f)
@@ -364,17 +357,10 @@ class RelayCoordinator(Coordinator):
         self._checkpointed_model = model_round
         phase = "train" if model_round >= 1 else "statistics"
         self.have_model = model_round >= 1
-        arrays: dict[str, np.ndarray] = {"params": self.params if self.upstream is None else self.upstream[1]}
-        scaler = None if self.upstream is None else self.upstream[2]
-        if scaler is not None:
-            arrays["scaler_mean"] = np.asarray(scaler["mean"], dtype=np.float32)
-            arrays["scaler_std"] = np.asarray(scaler["std"], dtype=np.float32)
-        elif self.scaler is not None:
-            arrays["scaler_mean"], arrays["scaler_std"] = self.scaler
-        meta = {"federation": self.fed.name, "spec": self.model.spec, "features": list(self.fed.features),
-                "label": self.fed.label, "n_params": self.model.n_params, "strategy": self.strategy.name,
-                "privacy_rates": [], "relay": True, "model_round": model_round}
-        ckpt = Checkpoint(round=self.committed, phase=phase, arrays=arrays, meta=meta, created=time.time())
+        params, scaler = (None, None) if self.upstream is None else self.upstream[1:]
+        ckpt = self._make_checkpoint(phase, params=params, scaler=None if scaler is None else (
+            np.asarray(scaler["mean"], dtype=np.float32), np.asarray(scaler["std"], dtype=np.float32)),
+            extra={"relay": True, "model_round": model_round})
         now = self.clock()
         kind = TaskKind.TRAIN if phase == "train" else TaskKind.STATISTICS
         self.writer.submit(ckpt, OpenRound(self.committed, kind, {}, now, now))
