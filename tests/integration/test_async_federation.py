@@ -34,16 +34,8 @@ class AsyncFederation(Federation):
     def pause_file(self, name: str) -> Path:
         return self.root / f"{name}.pause"
 
-    def start_agent(self, name: str, *, train_delay_s: float = 0.0) -> None:
-        i = self.names.index(name)
-        cmd = fedtools.agent_command(
-            name, server=self.endpoint, db=self.root / f"{name}.db", keys=self.keys, seed=self.seed_base + i,
-            n_samples=self.n_samples, n_features=self.n_features, model_out=self.root / f"{name}.model.npy",
-            report=self.root / f"{name}.report.json", heartbeat="300ms", dead_after="1500ms",
-            train_delay_s=train_delay_s, pause_file=self.pause_file(name))
-        proc = fedtools.spawn(cmd, self.root / f"{name}.log")
-        self.agents[name] = proc
-        self.all_procs.append(proc)
+    def start_agent(self, name: str, *, train_delay_s: float = 0.0, **extra: Any) -> None:
+        super().start_agent(name, train_delay_s=train_delay_s, pause_file=self.pause_file(name), **extra)
 
     def contributions(self) -> dict[str, list[tuple[int, float]]]:
         """agent -> [(round, staleness)] of its accepted train results."""

@@ -69,13 +69,14 @@ class Federation:
         self.server = fedtools.spawn(fedtools.server_command(self.config), self.root / "server.log")
         self.all_procs.append(self.server)
 
-    def start_agent(self, name: str, *, train_delay_s: float = 0.0) -> None:
+    def start_agent(self, name: str, *, train_delay_s: float = 0.0, **extra: Any) -> None:
+        """Start agent ``name`` (``extra``: more ``fedtools.agent_command`` options)."""
         i = self.names.index(name)
         cmd = fedtools.agent_command(
             name, server=self.endpoint, db=self.root / f"{name}.db", keys=self.keys, seed=self.seed_base + i,
             n_samples=self.n_samples, n_features=self.n_features, model_out=self.root / f"{name}.model.npy",
             report=self.root / f"{name}.report.json", heartbeat="300ms", dead_after="1500ms",
-            train_delay_s=train_delay_s)
+            train_delay_s=train_delay_s, **extra)
         proc = fedtools.spawn(cmd, self.root / f"{name}.log")
         self.agents[name] = proc
         self.all_procs.append(proc)
@@ -152,14 +153,15 @@ class Federation:
         return np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def federation_factory(tmp_path: Path, cls: type[Federation]) -> Iterator[Callable[..., Any]]:
-    """Body of a ``federations`` fixture: makes ``cls`` rigs, then stops every process they started."""
-    made: list[Federation] = []
+def federation_factory(tmp_path: Path, cls: type[Any]) -> Iterator[Callable[..., Any]]:
+    """Body of a fixture making ``cls(tmp_path / name, *args, **kw)`` rigs (anything with
+    ``shutdown()`` and ``all_procs``), then stopping every process they started."""
+    made: list[Any] = []
 
-    def make(name: str, agents: list[str], **kw: Any) -> Federation:
+    def make(name: str, *args: Any, **kw: Any) -> Any:
         root = tmp_path / name
         root.mkdir()
-        fed = cls(root, agents, **kw)
+        fed = cls(root, *args, **kw)
         made.append(fed)
         return fed
 
@@ -215,7 +217,11 @@ def test_federation_converges_to_the_centralized_model(federations):
 
 
 def _outbox_rounds(fed: Federation, name: str) -> list[int]:
-    path = fed.root / f"{name}.db"
+    return outbox_rounds_at(fed.root / f"{name}.db")
+
+
+def outbox_rounds_at(path: Path) -> list[int]:
+    """Rounds of the train results an outbox (an agent's or a relay's state file) still holds."""
     if not path.exists():
         return []
     try:

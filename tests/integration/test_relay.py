@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fedtools  # noqa: E402
+from test_federation import federation_factory, outbox_rounds_at  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -187,25 +187,7 @@ class Tier:
 
 @pytest.fixture
 def tiers(tmp_path: Path) -> Iterator[Callable[..., Tier]]:
-    made: list[Tier] = []
-
-    def make(name: str, **kw: Any) -> Tier:
-        root = tmp_path / name
-        root.mkdir()
-        tier = Tier(root, **kw)
-        made.append(tier)
-        return tier
-
-    yield make
-    for tier in made:
-        tier.shutdown()
-    for tier in made:
-        for proc in tier.all_procs:
-            if proc.poll() is None:
-                fedtools.kill9(proc)
-    leftover = [p.pid for t in made for p in t.all_procs if p.poll() is None]
-    children = psutil.Process().children(recursive=True)
-    assert not leftover and not children, f"processes left behind: {leftover} {children}"
+    yield from federation_factory(tmp_path, Tier)
 
 
 def _run(tier: Tier, **delays: float) -> Any:
@@ -275,17 +257,7 @@ def test_q8_updates_through_relays_stay_close_to_the_flat_federation(tiers):
 
 
 def _local_outbox_rounds(tier: Tier, gw: str) -> list[int]:
-    path = tier.root / f"{gw}.db"
-    if not path.exists():
-        return []
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            return [r for (r,) in db.execute("SELECT round FROM uplink_outbox WHERE kind = 'train'")]
-        finally:
-            db.close()
-    except sqlite3.OperationalError:
-        return []
+    return outbox_rounds_at(tier.root / f"{gw}.db")
 
 
 def test_relay_killed_mid_round_restarts_and_the_model_equals_an_uninterrupted_run(tiers):
@@ -330,17 +302,7 @@ def test_relay_killed_mid_round_restarts_and_the_model_equals_an_uninterrupted_r
 
 
 def _relay_outbox_rounds(tier: Tier, relay: str) -> list[int]:
-    path = tier.relays[relay]["data"] / "relay.db"
-    if not path.exists():
-        return []
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            return [r for (r,) in db.execute("SELECT round FROM uplink_outbox WHERE kind = 'train'")]
-        finally:
-            db.close()
-    except sqlite3.OperationalError:
-        return []
+    return outbox_rounds_at(tier.relays[relay]["data"] / "relay.db")
 
 
 def test_relay_killed_after_answering_resends_its_stored_result(tiers):
