@@ -233,10 +233,11 @@ class Coordinator:
             template.replace(_ROUND_MARK, b'"round":%d,' % rnd, 1)
         self._model_frames = [head, self._payload]
 
-    def _model_header(self, rnd: int, scaler: dict[str, Any] | None) -> bytes:
+    def _model_header(self, rnd: int, scaler: dict[str, Any] | None, payload: bytes | None = None) -> bytes:
+        """The ``model`` header for ``payload`` (default: this coordinator's encoded model)."""
         head = encode(MsgType.MODEL, {
             "round": rnd, "spec": self.model.spec, "features": list(self.fed.features),
-            "label": self.fed.label, "scaler": scaler}, self._payload)[0]
+            "label": self.fed.label, "scaler": scaler}, self._payload if payload is None else payload)[0]
         assert isinstance(head, bytes)
         return head
 

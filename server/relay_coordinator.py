@@ -169,8 +169,7 @@ class RelayCoordinator(Coordinator):
         assert self.upstream is not None
         rnd, params, scaler = self.upstream
         payload = codec.encode(params, self.fed.download_codec)
-        return encode(MsgType.MODEL, {"round": rnd, "spec": self.model.spec, "features": list(self.fed.features),
-                                      "label": self.fed.label, "scaler": scaler}, payload)
+        return [self._model_header(rnd, scaler, payload), payload]
 
     # ================================================================ requests
     @property
