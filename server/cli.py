@@ -1,7 +1,7 @@
 """``fedgate-server``: run | keygen | status | export.
 
 ``run --config server.toml``
-    The daemon (systemd ``Type=notify``; SIGTERM stops, SIGHUP reloads the allow-list).
+    The daemon (systemd ``Type=notify``; SIGTERM stops, SIGHUP reloads the allow-list and the live [federation] keys).
 ``keygen NAME [--dir DIR]``
     Writes ``NAME.key`` (public) and ``NAME.key_secret`` (mode 0600) in ZeroMQ's
     certificate format; copy an agent's ``.key`` into the server's ``agents_dir``.
@@ -140,13 +140,20 @@ def status_report(config: str) -> dict[str, Any]:
     report["committed_round"] = 0 if ckpt is None else ckpt.round
     db = os.path.join(cfg.server.data_dir, "history.db")
     summary: dict[str, Any] = {"rounds": [], "agents": [], "rejections": {}, "train_rounds": 0}
+    last_started = None
     if os.path.exists(db):
         hist = History(db, readonly=True)
         try:
             summary = hist.summary()
+            last_started = hist.last_started("train")
         finally:
             hist.close()
     report.update(summary)
+    interval = cfg.federation.round_interval_s
+    more = report["committed_round"] < cfg.federation.rounds
+    report["schedule"] = None if not interval else {
+        "round_interval_s": interval,
+        "next_train_round_not_before": last_started + interval if last_started is not None and more else None}
     train = [r for r in summary["rounds"] if r["kind"] == "train"]
     evals = [r for r in summary["rounds"] if r["kind"] == "evaluate"]
     report["last_train_metrics"] = train[-1]["metrics"] if train else {}
@@ -205,6 +212,12 @@ def _status(config: str, as_json: bool) -> int:
               else f"{report['train_rounds']} local train rounds combined (rounds set by headquarters)")
     lines += [f"federation {report['federation']} ({report['strategy']}): {rounds}",
              "checkpoint: " + ("none" if ck is None else f"round {ck['round']} ({ck['phase']}) {ck['path']}")]
+    sched = report["schedule"]
+    if sched is not None:
+        due = sched["next_train_round_not_before"]
+        lines.append(f"round_interval {sched['round_interval_s']:g}s" + (
+            "" if due is None else ", next train round not before "
+            + time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(due))))
     if report["async"] is not None:
         a = report["async"]
         lines.append(f"mode: async (buffer_size {a['buffer_size']}, max_staleness {a['max_staleness']}, "

@@ -28,6 +28,8 @@ __all__ = [
     "StrategySection",
     "PrivacySection",
     "ServerConfig",
+    "LIVE_FEDERATION_KEYS",
+    "check_rules",
     "load_config",
     "parse_config",
 ]
@@ -81,6 +83,8 @@ class FederationSection:
     min_available: int = option(0, ge=0, le=10**6, doc="ready agents needed before a round starts (0: min_agents)")
     fraction: float = option(1.0, gt=0, le=1)
     round_timeout_s: float = option(60.0, toml="round_timeout", unit="duration", gt=0)
+    round_interval_s: float = option(0.0, toml="round_interval", unit="duration", ge=0, le=366 * 86400,
+                                     doc="least time from one train round's start to the next's (0: back to back)")
     local_epochs: int = option(1, ge=0, le=100_000)
     batch_size: int = option(32, ge=1, le=1 << 24)
     lr: float = option(0.01, ge=0, le=1e6)
@@ -99,6 +103,12 @@ class FederationSection:
     max_staleness: int = option(8, ge=0, le=10**6, doc="async: older results (in rounds) are refused as stale")
     staleness_exponent: float = option(0.5, ge=0, le=100, doc="async: weight n_samples * (1 + tau) ** -exponent")
     concurrency: int = option(0, ge=0, le=10**6, doc="async: agents training at a time (0: every ready agent)")
+
+
+# [federation] keys a running server applies on SIGHUP (from its next round on); the
+# others name the model, the data or the round mechanics and need a restart
+LIVE_FEDERATION_KEYS = ("rounds", "round_interval_s", "round_timeout_s", "min_agents", "min_available", "fraction",
+                        "local_epochs", "batch_size", "lr", "lr_schedule", "l2", "prox_mu", "evaluate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +185,18 @@ def parse_config(doc: dict[str, Any], *, file: str = "<config>", base_dir: str =
     if server.dead_after_s < server.heartbeat_s:
         raise ConfigError("must be at least server.heartbeat", file=file, key="server.dead_after",
                           value=server.dead_after_s)
+    check_rules(fed, strategy, privacy, relay="relay" in doc, file=file)
+    relay = None
+    if "relay" in doc:
+        relay = _relay_section(doc["relay"], strategy, privacy, file=file, base_dir=base_dir)
+    return ServerConfig(server=server, federation=fed, strategy=strategy, privacy=privacy, relay=relay,
+                        path=file)
+
+
+def check_rules(fed: FederationSection, strategy: StrategySection, privacy: PrivacySection, *, relay: bool,
+                file: str) -> None:
+    """The rules between keys (each key's own range is checked when it is read); also run on
+    the federation a reload makes of the running one and the new file's live keys."""
     if fed.min_available and fed.min_available < fed.min_agents:
         raise ConfigError("must be 0 or at least min_agents", file=file, key="federation.min_available",
                           value=fed.min_available)
@@ -192,12 +214,7 @@ def parse_config(doc: dict[str, Any], *, file: str = "<config>", base_dir: str =
     if strategy.name is StrategyName.TRIMMED_MEAN and fed.min_agents < 3 and strategy.trim_beta > 0:
         raise ConfigError("trimmed_mean needs min_agents >= 3", file=file, key="federation.min_agents",
                           value=fed.min_agents)
-    _check_async(fed, privacy, "relay" in doc, file)
-    relay = None
-    if "relay" in doc:
-        relay = _relay_section(doc["relay"], strategy, privacy, file=file, base_dir=base_dir)
-    return ServerConfig(server=server, federation=fed, strategy=strategy, privacy=privacy, relay=relay,
-                        path=file)
+    _check_async(fed, privacy, relay, file)
 
 
 _RELAY_STRATEGIES = (StrategyName.FEDAVG, StrategyName.FEDPROX, StrategyName.MEDIAN, StrategyName.TRIMMED_MEAN,
@@ -220,6 +237,10 @@ def _relay_section(table: Any, strategy: StrategySection, privacy: PrivacySectio
 
 def _check_async(fed: FederationSection, privacy: PrivacySection, relay: bool, file: str) -> None:
     """The buffered asynchronous mode's own rules (see :mod:`fedgate.server.async_coordinator`)."""
+    if fed.round_interval_s and (relay or fed.mode is FederationMode.ASYNC):
+        raise ConfigError("a relay follows its upstream's rounds" if relay else
+                          "async rounds close as results come; round_interval paces sync rounds",
+                          file=file, key="federation.round_interval", value=fed.round_interval_s)
     if fed.mode is not FederationMode.ASYNC:
         return
     if relay:

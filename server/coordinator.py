@@ -16,6 +16,7 @@ from its checkpoint and task table and takes the re-sent results again.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,10 +32,11 @@ from fedgate.core import aggregate as agg
 from fedgate.core import codec
 from fedgate.core.errors import AggregationError, StoreError
 from fedgate.core.protocol import Message, MessageError, MsgType, TaskKind, decode, encode, new_task_ids
-from fedgate.server.config import ServerConfig
+from fedgate.server.config import LIVE_FEDERATION_KEYS, FederationSection, ServerConfig, check_rules
 from fedgate.server.metrics import ServerMetrics
 from fedgate.server.privacy import PrivacyAccountant, add_noise, clip_update
 from fedgate.server.registry import Registry
+from fedgate.server.schedule import RoundSchedule, merge_live
 from fedgate.server.spec import FederationModel
 from fedgate.server.store import Checkpoint, CheckpointStore, CheckpointWriter, History, TaskRow
 from fedgate.server.strategies import make_strategy
@@ -106,6 +108,8 @@ class OpenRound:
 class Coordinator:
     """Runs the federation; the service feeds it messages and calls :meth:`tick`."""
 
+    live_keys: tuple[str, ...] = LIVE_FEDERATION_KEYS  # [federation] keys :meth:`reconfigure` applies
+
     def __init__(self, cfg: ServerConfig, model: FederationModel, send: Send, *, history: History,
                  checkpoints: CheckpointStore, metrics: ServerMetrics,
                  population: Callable[[], int], clock: Callable[[], float] = time.monotonic) -> None:
@@ -144,6 +148,8 @@ class Coordinator:
         self._task_templates: dict[TaskKind, tuple[Any, bytes | None]] = {}
         self._model_template: tuple[Any, bytes | None] | None = None
         self._accepted = {kind: metrics.accepted.labels(kind.value) for kind in TaskKind}
+        self.schedule = RoundSchedule(self.fed.round_interval_s, clock, history.last_started(TaskKind.TRAIN.value),
+                                      metrics)
         self._restore()
 
     # ================================================================ restore / persist
@@ -463,7 +469,7 @@ class Coordinator:
     def _open_round(self, now: float) -> OpenRound | None:
         """Sample the next round and write its tasks to the history (sent by :meth:`_send_round`)."""
         rnd, kind = self.next_round()
-        if kind is None:
+        if kind is None or (kind is TaskKind.TRAIN and self.schedule.hold(rnd, now)):
             return None
         ready = self.registry.alive_names()
         need = self.fed.min_agents
@@ -484,6 +490,8 @@ class Coordinator:
         self.history.add_tasks(TaskRow(tid, rnd, kind.value, name, time.time(), "issued")
                                for tid, name in tasks.items())
         op = OpenRound(rnd, kind, tasks, now, now + self.fed.round_timeout_s)
+        if kind is TaskKind.TRAIN:
+            self.schedule.start(now)
         op.n_ready = len(ready)
         self._prepare_round(op)
         self.open = op
@@ -815,6 +823,37 @@ class Coordinator:
             self.history.add_round(rnd, TaskKind.EVALUATE.value, started=time.time(), finished=time.time(),
                                    n_sampled=len(done), n_accepted=len(done), n_rejected=0,
                                    metrics=means.result(), epsilon=None)
+
+    # ================================================================ reload
+    def reconfigure(self, fed: FederationSection) -> tuple[list[str], list[str]]:
+        """Take the live keys (:attr:`live_keys`) of a reloaded ``[federation]``.
+
+        They apply from the next round on (the open one keeps its tasks and deadline).
+
+        Returns
+        -------
+        (applied, restart)
+            The changed keys applied, and the changed keys that need a restart.
+
+        Raises
+        ------
+        ConfigError
+            The running federation with the new live keys breaks a rule between keys
+            (e.g. ``min_agents`` too low for the running Krum); nothing is applied.
+        """
+        merged, applied, restart = merge_live(self.fed, fed, self.live_keys)
+        if applied:
+            check_rules(merged, self.cfg.strategy, self.cfg.privacy, relay=self.cfg.relay is not None,
+                        file=self.cfg.path or "<config>")
+            self.fed = merged
+            self.cfg = dataclasses.replace(self.cfg, federation=merged)
+            self._task_templates.clear()  # hyper-parameters and deadline ride in the task header
+            self.schedule.interval_s = merged.round_interval_s
+            self._reconfigured()
+        return applied, restart
+
+    def _reconfigured(self) -> None:
+        """After :meth:`reconfigure` changed ``self.fed`` (a subclass updates what it derives from it)."""
 
     # ================================================================ reports
     def status(self) -> dict[str, Any]:

@@ -49,6 +49,9 @@ class ServerMetrics:
                                             registry=r)
         self.last_checkpoint = Gauge("fedgate_server_last_checkpoint_timestamp_seconds",
                                      "Time of the last checkpoint", registry=r)
+        self.next_round_start = Gauge("fedgate_server_next_round_start_timestamp_seconds",
+                                      "When the next train round starts, while it waits for round_interval "
+                                      "(0: not waiting)", registry=r)
         self.epsilon = Gauge("fedgate_server_privacy_epsilon", "Privacy spent (epsilon at delta)", registry=r)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)

@@ -131,6 +131,8 @@ class RelayCoordinator(Coordinator):
     ``on_failure(reason)`` is called (loop thread) for every upstream task that fails.
     """
 
+    live_keys: tuple[str, ...] = ()  # its rounds and their settings come from upstream: a reload waits for a restart
+
     def __init__(self, *args: Any, on_failure: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         self.request: RelayRequest | None = None
         self.evaluation: _Evaluation | None = None

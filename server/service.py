@@ -2,7 +2,8 @@
 
 ``Server(cfg).run()`` serves until :meth:`Server.request_stop` (SIGTERM); it tells
 systemd when it is ready, pings the watchdog from the loop itself (a wedged loop gets
-restarted), reloads the key allow-list on :meth:`Server.request_reload` (SIGHUP) and
+restarted), reloads the key allow-list, the log level and the live ``[federation]``
+keys on :meth:`Server.request_reload` (SIGHUP) and
 stops within about a second: sockets close with a bounded linger, and everything
 committed is already on disk.
 """
@@ -108,28 +109,37 @@ class Server:
         self._stop.set()
 
     def request_reload(self) -> None:
-        """Ask the loop to reload the key allow-list (signal-safe)."""
+        """Ask the loop to reload the config and the key allow-list (signal-safe)."""
         self._reload.set()
 
     def _do_reload(self) -> None:
-        """SIGHUP: re-read the config (log level applies at once; other changes need a
-        restart and are named) and the key allow-list. A broken config keeps the old one."""
+        """SIGHUP: re-read the config and the key allow-list. The log level and the live
+        ``[federation]`` keys (:data:`~fedgate.server.config.LIVE_FEDERATION_KEYS`) apply at
+        once, from the next round on; other changes need a restart and are named. A broken
+        config keeps the running one."""
         systemd.reloading()
         if self.cfg.path:
             try:
                 new = load_config(self.cfg.path)
+                applied, _ = self.coordinator.reconfigure(new.federation)
             except ConfigError as exc:
                 log.error("reload: config not reloaded, keeping the running one: %s", exc)
             else:
                 logging.getLogger().setLevel(new.server.log_level.upper())
+                self.cfg = dataclasses.replace(self.cfg, federation=self.coordinator.fed,
+                                               server=dataclasses.replace(self.cfg.server,
+                                                                          log_level=new.server.log_level))
+                if applied:
+                    log.info("reload: [federation] %s applied from the next round on",
+                             ", ".join(_toml_keys(self.cfg.federation, applied)))
                 sections = ("server", "federation", "strategy", "privacy") + (("relay",) if new.relay else ())
                 for section in sections:
                     old_s, new_s = getattr(self.cfg, section), getattr(new, section)
                     changed = [f.name for f in dataclasses.fields(old_s)
-                               if f.name != "log_level" and getattr(old_s, f.name) != getattr(new_s, f.name)]
+                               if getattr(old_s, f.name) != getattr(new_s, f.name)]
                     if changed:
                         log.warning("reload: [%s] %s changed; takes effect after a restart", section,
-                                    ", ".join(changed))
+                                    ", ".join(_toml_keys(old_s, changed)))
         assert self.transport is not None
         n = self.transport.reload_keys()
         if n is not None:
@@ -217,6 +227,12 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _toml_keys(section: Any, names: list[str]) -> list[str]:
+    """The keys as the file spells them (``round_timeout``, not the field ``round_timeout_s``)."""
+    keys = {f.name: f.metadata.get("toml") or f.name for f in dataclasses.fields(section)}
+    return [keys.get(n, n) for n in names]
 
 
 def allowed_agents(cfg: ServerConfig) -> list[str]:

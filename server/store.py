@@ -487,6 +487,11 @@ class History:
                     [(round_, kind, started, finished, n_sampled, n_accepted, n_rejected,
                       json.dumps(metrics), eps)])
 
+    def last_started(self, kind: str) -> float | None:
+        """Wall time at which the newest recorded round of ``kind`` started (None: none yet)."""
+        row = self.db.execute("SELECT MAX(started) FROM rounds WHERE kind = ?", (kind,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def add_rejection(self, round_: int | None, agent: str | None, task_id: str | None, reason: str,
                       detail: str) -> None:
         self._write("INSERT INTO rejections (ts, round, agent, task_id, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",

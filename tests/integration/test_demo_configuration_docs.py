@@ -107,6 +107,19 @@ relay:
 # Markdown printed after a section's table
 SECTION_NOTES: dict[str, str] = {
     "[federation]": """\
+**Paced rounds and reloads.** With `round_interval` a train round starts no sooner than
+that long after the previous one started (`"1h"`: a round an hour, each on the samples
+that came in meanwhile, while the agents predict with the newest model); a round that
+took longer is followed at once. A restarted server takes the last start from its
+history, so it keeps the pace. A federation that keeps learning sets a large `rounds`
+with its interval. `systemctl reload` (SIGHUP) applies `rounds`, `round_interval`,
+`round_timeout`, `min_agents`, `min_available`, `fraction`, `local_epochs`, `batch_size`,
+`lr`, `lr_schedule`, `l2`, `prox_mu` and `evaluate` to the running federation from its
+next round on (raise `rounds` to go on training a finished federation); the log names
+them, and every other changed key, which waits for a restart. `round_interval` is a
+configuration error in async mode and on a relay (a relay's rounds and their settings
+come from headquarters, so a reload there applies none of these).
+
 **Asynchronous mode** (`mode = "async"`, FedBuff-style; [protocol.md](protocol.md),
 "Asynchronous rounds"). The statistics round runs as in sync mode. Then every ready
 agent without a task gets one at once, and round r closes as soon as `buffer_size`

@@ -88,8 +88,8 @@ def test_run_under_systemd_ready_watchdog_reload_and_sigterm(tmp_path):
         sd.wait_for("READY=1")
         sd.wait_for("WATCHDOG=1")
         sd.clear()
-        cfg.write_text(cfg.read_text().replace("rounds = 3", "rounds = 9").replace(
-            '[server]\n', '[server]\nlog_level = "debug"\n'))
+        cfg.write_text(cfg.read_text().replace("rounds = 3", "rounds = 9").replace('label = "y"', 'label = "z"')
+                       .replace('[server]\n', '[server]\nlog_level = "debug"\n'))
         proc.send_signal(signal.SIGHUP)
         sd.wait_for("RELOADING=1")
         sd.wait_for("READY=1")
@@ -108,7 +108,8 @@ def test_run_under_systemd_ready_watchdog_reload_and_sigterm(tmp_path):
         proc.stderr.close()
         sd.close()
     assert "allow-list reloaded: 1 agent keys" in stderr
-    assert "[federation] rounds changed; takes effect after a restart" in stderr
+    assert "reload: [federation] rounds applied from the next round on" in stderr
+    assert "reload: [federation] label changed; takes effect after a restart" in stderr
     assert "config not reloaded, keeping the running one" in stderr
 
 

@@ -5,6 +5,7 @@ agents are simulated by answering their tasks with delta-coded results.
 """
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
@@ -383,3 +384,28 @@ def test_a_task_out_longer_than_max_staleness_is_expired_and_its_agent_gets_a_ne
     rig.answer(C, lost, 0.1)  # if it comes after all: refused as stale
     acks = [m[1] for m in rig.take()[C] if m[0] == "ack"]
     assert acks[0]["reason"] == "stale"
+
+
+def test_a_reload_raising_rounds_resumes_a_finished_async_federation(tmp_path: Path):
+    r = Rig(tmp_path, rounds=1, buffer_size=0)
+    r.hello(A, B, C)
+    try:
+        got = tasks(r.take())
+        r.answer(A, got[A], 0.5)
+        r.answer(B, got[B], 1.0)  # buffer_size 0 = min_agents 2: round 1 closes, the last one
+        r.durable()
+        assert r.co.finished
+        r.take()
+        applied, restart = r.co.reconfigure(dataclasses.replace(r.cfg.federation, rounds=2, min_agents=3))
+        assert applied == ["rounds", "min_agents"] and restart == []
+        assert r.co.buffer_size == 3  # buffer_size 0 follows min_agents
+        r.co.tick()
+        again = tasks(r.take())
+        assert sorted(again) == [A, B, C] and all(t[1]["round"] == 2 for t in again.values())
+        for name, delta in ((A, 1.0), (B, 1.0)):
+            r.answer(name, again[name], delta)
+        assert r.co.committed == 1  # 2 of 3 results: round 2 waits for the third
+        r.answer(C, again[C], 1.0)
+        assert r.co.committed == 2
+    finally:
+        r.close()
