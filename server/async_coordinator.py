@@ -117,6 +117,9 @@ class AsyncCoordinator(Coordinator):
     def _task_codec_params(self) -> dict[str, Any]:
         return {**self.fed.codec_params, "delta": True}
 
+    def _prunable_round(self) -> int:
+        return self.committed - 1 - self.fed.max_staleness  # a restart reopens the tasks of that window
+
     def _reconfigured(self) -> None:
         self.buffer_size = self.fed.buffer_size or self.fed.min_agents  # (buffer_size 0 follows min_agents)
 

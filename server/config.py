@@ -69,6 +69,9 @@ class ServerSection:
     queue_depth: int = option(64, ge=1, le=100_000, doc="per-peer send/receive high-water mark (messages)")
     linger_s: float = option(1.0, toml="linger", unit="duration", ge=0, le=60)
     keep_checkpoints: int = option(5, ge=1, le=10_000)
+    history_retention_s: float = option(0.0, toml="history_retention", unit="duration", ge=0,
+                                        doc="per-task, per-agent and rejection rows of the history older than "
+                                            "this are deleted (0: kept for ever); the one row per round stays")
     log_level: str = option("info", choices=("debug", "info", "warning", "error"))
 
 

@@ -36,7 +36,7 @@ from fedgate.server.config import LIVE_FEDERATION_KEYS, FederationSection, Serve
 from fedgate.server.metrics import ServerMetrics
 from fedgate.server.privacy import PrivacyAccountant, add_noise, clip_update
 from fedgate.server.registry import Registry
-from fedgate.server.schedule import RoundSchedule, merge_live
+from fedgate.server.schedule import HistoryPruner, RoundSchedule, merge_live
 from fedgate.server.spec import FederationModel
 from fedgate.server.store import Checkpoint, CheckpointStore, CheckpointWriter, History, TaskRow
 from fedgate.server.strategies import make_strategy
@@ -150,6 +150,7 @@ class Coordinator:
         self._accepted = {kind: metrics.accepted.labels(kind.value) for kind in TaskKind}
         self.schedule = RoundSchedule(self.fed.round_interval_s, clock, history.last_started(TaskKind.TRAIN.value),
                                       metrics)
+        self.pruner = HistoryPruner(history, cfg.server.history_retention_s, metrics)
         self._restore()
 
     # ================================================================ restore / persist
@@ -453,6 +454,7 @@ class Coordinator:
         self.metrics.agents_connected.set(self.registry.n_alive())
         if self.eval_rows:
             self._flush_evaluations()
+        self.pruner.tick(now, self._prunable_round())
         op = self.open
         if op is not None and op.unsent:
             self._retry_unsent(op)
@@ -460,6 +462,11 @@ class Coordinator:
             self._maybe_start(now)
         elif now >= op.deadline:
             self._deadline(op, now)
+
+    def _prunable_round(self) -> int:
+        """The last round whose history rows no result can still need (evaluations of the
+        newest committed round may still come in)."""
+        return self.committed - 1
 
     def _maybe_start(self, now: float) -> None:
         op = self._open_round(now)

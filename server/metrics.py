@@ -52,6 +52,8 @@ class ServerMetrics:
         self.next_round_start = Gauge("fedgate_server_next_round_start_timestamp_seconds",
                                       "When the next train round starts, while it waits for round_interval "
                                       "(0: not waiting)", registry=r)
+        self.history_deleted = Counter("fedgate_server_history_rows_deleted",
+                                       "History rows deleted as older than history_retention", registry=r)
         self.epsilon = Gauge("fedgate_server_privacy_epsilon", "Privacy spent (epsilon at delta)", registry=r)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)

@@ -11,18 +11,26 @@ whole interval again.
 running federation from its next round on (raise ``rounds`` to go on training, change
 the interval, the quorum, the deadline or the local hyper-parameters); the others need
 a restart, and :func:`merge_live` names them.
+
+A federation that runs for years would grow its history without end (a row per task
+and per result, every round): with ``[server] history_retention`` the
+:class:`HistoryPruner` deletes the per-task rows of older rounds, a bounded batch at a
+time from the loop, and keeps the one row per round.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
+from fedgate.core.errors import StoreError
 from fedgate.server.config import LIVE_FEDERATION_KEYS, FederationSection
 from fedgate.server.metrics import ServerMetrics
+from fedgate.server.store import History
 
-__all__ = ["RoundSchedule", "merge_live"]
+__all__ = ["RoundSchedule", "HistoryPruner", "merge_live"]
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +101,47 @@ def merge_live(running: FederationSection, new: FederationSection,
     restart = [k for k in changed if k not in live]
     merged = dataclasses.replace(running, **{k: getattr(new, k) for k in applied}) if applied else running
     return merged, applied, restart
+
+
+class HistoryPruner:
+    """Deletes history rows older than ``retention_s``: a batch a second while there are
+    any, then a look once an hour (see :meth:`History.prune`).
+
+    Parameters
+    ----------
+    history : History
+    retention_s : float
+        Age (wall seconds) beyond which per-task rows go; 0 disables pruning.
+    metrics : ServerMetrics
+        ``fedgate_server_history_rows_deleted_total`` counts them.
+    """
+
+    EVERY_S = 3600.0   # between two looks when nothing was old enough
+    BATCH_EVERY_S = 1.0  # between two batches of one pass
+
+    def __init__(self, history: History, retention_s: float, metrics: ServerMetrics) -> None:
+        self.history = history
+        self.retention_s = float(retention_s)
+        self.metrics = metrics
+        self._next = -math.inf
+        self._pass = 0  # rows deleted by the pass under way
+
+    def tick(self, now: float, max_round: int) -> None:
+        """Maybe delete one batch (rows of rounds up to ``max_round`` only); ``now`` on the loop's clock."""
+        if self.retention_s <= 0 or now < self._next:
+            return
+        try:
+            n = self.history.prune(time.time() - self.retention_s, max_round)
+        except StoreError as exc:
+            log.error("history rows not pruned (will retry in %.0fs): %s", self.EVERY_S, exc)
+            self._next = now + self.EVERY_S
+            return
+        if n:
+            self.metrics.history_deleted.inc(n)
+            self._pass += n
+            self._next = now + self.BATCH_EVERY_S
+            return
+        if self._pass:
+            log.info("history: %d rows older than %gs deleted (history_retention)", self._pass, self.retention_s)
+            self._pass = 0
+        self._next = now + self.EVERY_S

@@ -492,6 +492,33 @@ class History:
         row = self.db.execute("SELECT MAX(started) FROM rounds WHERE kind = ?", (kind,)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
+    def prune(self, before: float, max_round: int, limit: int = 5000) -> int:
+        """Delete up to about ``limit`` old per-task rows; how many went (call again while > 0).
+
+        The tasks (and their ``agent_metrics`` rows) of every round that finished before
+        wall time ``before``, up to round ``max_round``, and the rejections logged before
+        ``before``. The ``rounds`` rows (one per round) and ``agents`` stay. Each batch is
+        one transaction and uses the indexes, so a call stays short on a large history.
+        """
+        q = self.db.execute
+        try:
+            row = q("SELECT MAX(round) FROM rounds WHERE finished < ? AND round <= ?", (before, max_round)).fetchone()
+            gone = 0
+            with self.db:
+                if row is not None and row[0] is not None:
+                    ids = [(t,) for (t,) in q("SELECT task_id FROM tasks WHERE round <= ? LIMIT ?", (row[0], limit))]
+                    if ids:
+                        self.db.executemany("DELETE FROM agent_metrics WHERE task_id = ?", ids)
+                        self.db.executemany("DELETE FROM tasks WHERE task_id = ?", ids)
+                        gone += len(ids)
+                oldest = q("SELECT ts FROM rejections ORDER BY id LIMIT 1").fetchone()
+                if oldest is not None and oldest[0] < before:
+                    gone += q("DELETE FROM rejections WHERE id IN (SELECT id FROM rejections ORDER BY id LIMIT ?) "
+                              "AND ts < ?", (limit, before)).rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: pruning the history failed: {exc}") from exc
+        return gone
+
     def add_rejection(self, round_: int | None, agent: str | None, task_id: str | None, reason: str,
                       detail: str) -> None:
         self._write("INSERT INTO rejections (ts, round, agent, task_id, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",

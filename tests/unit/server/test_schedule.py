@@ -208,3 +208,54 @@ def test_merge_live_names_what_waits_for_a_restart(tmp_path: Path):
 def test_round_interval_config_errors(tmp_path: Path, extra: dict[str, Any], match: str):
     with pytest.raises(ConfigError, match=match):
         load_config(write_config(tmp_path, federation={"round_interval": "1h", **extra}))
+
+
+def test_history_retention_deletes_the_per_task_rows_of_old_rounds_in_batches(tmp_path: Path):
+    r = Rig(tmp_path, round_interval="0s", rounds=4)
+    r.cfg = dataclasses.replace(r.cfg, server=dataclasses.replace(r.cfg.server, history_retention_s=30 * 86400.0))
+    r.close()
+    r.start()
+    r.hello()
+    try:
+        r.co.tick()
+        for _ in range(3):
+            r.run_round()
+        db = r.history.db
+        r.co.handle(A.encode(), None, encode(MsgType.RESULT, {  # a refusal: a rejections row
+            "agent": A, "task_id": "f" * 32, "round": 4, "kind": "train", "n_samples": 1, "metrics": {}},
+            codec.encode(np.zeros(3, dtype=np.float32), "f32")))
+        assert db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 1
+        with db:  # rounds 1 and 2 (and the refusal) are 40 days old
+            db.execute("UPDATE rounds SET started = started - 40 * 86400, finished = finished - 40 * 86400 "
+                       "WHERE round <= 2")
+            db.execute("UPDATE rejections SET ts = ts - 40 * 86400")
+        r.co.pruner.BATCH_EVERY_S = 0.0
+        r.advance(3600.0)  # the next look (the first, at the start, found nothing old)
+        r.co.tick()
+        r.co.tick()
+        r.co.tick()
+        per_round = dict(db.execute("SELECT round, COUNT(*) FROM tasks GROUP BY round").fetchall())
+        assert per_round == {3: 2, 4: 2}              # round 3 (recent) and the open round 4 stay
+        assert sorted(x for (x,) in db.execute("SELECT DISTINCT round FROM agent_metrics")) == [3]
+        assert db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM rounds WHERE kind = 'train'").fetchone()[0] == 3  # a row per round stays
+        assert r.metrics.value("fedgate_server_history_rows_deleted_total") == 4 + 1
+    finally:
+        r.close()
+
+
+def test_history_prune_keeps_rounds_a_result_may_still_need(tmp_path: Path):
+    h = History(tmp_path / "h.db")
+    try:
+        from fedgate.server.store import TaskRow
+        h.add_tasks([TaskRow(f"{i:032x}", i // 10, "train", f"gw-{i % 10}", 0.0, "accepted") for i in range(60)])
+        for rnd in range(6):
+            h.add_round(rnd, "train", started=0.0, finished=1.0, n_sampled=10, n_accepted=10, n_rejected=0,
+                        metrics={}, epsilon=None)
+        assert h.prune(before=2.0, max_round=3, limit=25) == 25   # a batch of at most `limit`
+        assert h.prune(before=2.0, max_round=3, limit=25) == 15
+        assert h.prune(before=2.0, max_round=3, limit=25) == 0    # rounds 4 and 5: beyond max_round
+        assert h.prune(before=0.5, max_round=10) == 0             # finished after `before`
+        assert h.db.execute("SELECT MIN(round) FROM tasks").fetchone()[0] == 4
+    finally:
+        h.close()
