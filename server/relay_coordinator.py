@@ -140,6 +140,7 @@ class RelayCoordinator(Coordinator):
         self.on_failure = on_failure
         self.local_rounds = 0
         self._checkpointed_model = -1  # HQ model round in the newest checkpoint
+        self._notice = -1              # newest round headquarters said it committed
         super().__init__(*args, **kwargs)
 
     # ================================================================ restore
@@ -153,7 +154,7 @@ class RelayCoordinator(Coordinator):
             self.upstream = (model_round, np.array(self.params, dtype=np.float32), scaler)
             self._checkpointed_model = model_round
             self._model_frames = self._upstream_frames()
-        self.durable = self.committed
+        self.durable = self._notice = self.committed
 
     def _reopen(self) -> None:
         """Expire the local tasks of an interrupted run: headquarters re-sends its task."""
@@ -350,15 +351,37 @@ class RelayCoordinator(Coordinator):
         self.upstream_committed(rnd)
 
     def upstream_committed(self, rnd: int) -> None:
-        """Headquarters committed every round up to ``rnd``: checkpoint, then tell the gateways."""
+        """Headquarters committed every round up to ``rnd``: checkpoint, then tell the gateways.
+
+        The checkpoint (and the gateways' ``committed``) covers the rounds up to that of
+        headquarters' newest model, never more: a notice often comes before its round's
+        model (the notice of headquarters' last round rides on the evaluate task, or
+        comes as a message, before that task's model or the ``model`` message is handed
+        over; a notice of round r also comes while the uplink holds a later round's model,
+        not yet committed). Such a round is checkpointed when its model arrives
+        (:meth:`upstream_model`), so a relay checkpoint of round r holds headquarters'
+        model of round r. Before the first model, the statistics round is checkpointed
+        (the scaler, and the relay's initial params: those of a task being served are not
+        committed).
+        """
+        self._notice = max(self._notice, rnd)
         model_round = -1 if self.upstream is None else self.upstream[0]
-        if max(rnd, model_round) <= self.committed and model_round <= self._checkpointed_model:
+        if model_round >= 1:
+            target = model_round  # a model is handed over once its round is committed
+        elif self._notice >= 0:
+            target = 0
+        else:
             return
-        self.committed = max(self.committed, rnd, model_round)
+        if target <= self.committed and model_round <= self._checkpointed_model:
+            if target < self._notice:
+                log.debug("relay: headquarters committed round %d; the checkpoint waits for its model "
+                          "(newest here: round %d)", self._notice, model_round)
+            return
+        self.committed = max(self.committed, target)
         self._checkpointed_model = model_round
         phase = "train" if model_round >= 1 else "statistics"
         self.have_model = model_round >= 1
-        params, scaler = (None, None) if self.upstream is None else self.upstream[1:]
+        params, scaler = (self.model.initial_params(), None) if self.upstream is None else self.upstream[1:]
         ckpt = self._make_checkpoint(phase, params=params, scaler=None if scaler is None else (
             np.asarray(scaler["mean"], dtype=np.float32), np.asarray(scaler["std"], dtype=np.float32)),
             extra={"relay": True, "model_round": model_round})

@@ -225,6 +225,62 @@ def test_stopping_fails_the_waiting_task(relay_server):
         relay.uplink.handler.run_task(_task(), np.zeros(3, dtype=np.float32))
 
 
+def test_a_relay_checkpoint_of_a_round_holds_headquarters_model_of_that_round(relay_server):
+    # headquarters' commit notice of a round often reaches the loop before that round's model
+    # (the notice of its last round rides on the evaluate task whose model is handed over
+    # next; a notice of round r comes while the uplink holds round r + 2's model, not yet
+    # committed): the checkpoint of round r waits for the model of round r
+    from fedgate.agent.uplink_types import GlobalModel
+    from fedgate.server.store import read_checkpoint
+
+    server, relay, co = relay_server, relay_server.relay, relay_server.coordinator
+
+    def model(rnd: int) -> GlobalModel:
+        return GlobalModel(round=rnd, spec=co.model.spec, features=["a", "b"], label="y",
+                           scaler={"mean": [0.0, 1.0], "std": [1.0, 2.0]},
+                           params=np.full(3, float(rnd), dtype=np.float32))
+
+    def settle() -> Any:  # the loop takes the events; the checkpoints are written and announced
+        relay.pump()
+        co.writer.wait()
+        co.tick()
+        assert not co.committing
+        ckpt, _ = co.checkpoints.load_latest()
+        return ckpt
+
+    with ThreadPoolExecutor(1) as pool:  # a train task of round 3 is being served (no gateways yet)
+        task_params = np.full(3, 7.0, dtype=np.float32)
+        answer = pool.submit(relay.uplink.handler.run_task, _task(round=3), task_params)
+        for _ in range(2000):
+            relay.pump()
+            if co.request is not None:
+                break
+            server.transport.poller.poll(10)
+        assert co.request is not None and co.request.round == 3
+        relay.post(("committed", 0))
+        relay.post(("committed", 1))  # round 1's model was superseded by round 2's, not yet committed
+        ckpt = settle()
+        _loop_until(server, answer)  # no gateways: the task fails
+    with pytest.raises(TrainingError):
+        answer.result(0)
+    assert (ckpt.round, ckpt.phase) == (0, "statistics")
+    np.testing.assert_array_equal(ckpt.arrays["params"], co.model.initial_params())  # not the task's
+
+    relay.uplink.handler.on_model(model(2))  # committed: handed over by the uplink
+    ckpt = settle()
+    assert (ckpt.round, ckpt.phase, ckpt.meta["model_round"]) == (2, "train", 2)
+    relay.post(("committed", 3))  # before its model: nothing of round 3 yet
+    assert settle().round == 2 and co.durable == 2
+    relay.uplink.handler.on_model(model(3))
+    ckpt = settle()
+    assert (ckpt.round, ckpt.meta["model_round"]) == (3, 3) and co.durable == 3
+    np.testing.assert_array_equal(ckpt.arrays["params"], model(3).params)
+    for path in co.checkpoints.files():  # no file ever paired a round with another round's model
+        ckpt = read_checkpoint(path)
+        if ckpt.phase == "train":
+            np.testing.assert_array_equal(ckpt.arrays["params"], model(ckpt.round).params)
+
+
 def test_configuration_doc_lists_every_relay_key_with_its_default():
     import dataclasses
     import re
