@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedgate.core import _robust
 from fedgate.core import aggregate as agg
 from fedgate.core.errors import AggregationError
 
@@ -184,7 +185,7 @@ def test_order_statistics_with_heavy_ties(n, d, beta, seed, levels):
 def order_path(request, monkeypatch):
     """Run a test through the sorting-network kernel and through the counting-pass kernel."""
     limit = 10**9 if request.param == "network" else 0
-    monkeypatch.setattr(agg, "_NETWORK_MAX_N", {0: limit, 1: limit})
+    monkeypatch.setattr(_robust, "_NETWORK_MAX_N", {0: limit, 1: limit})
     return request.param
 
 
@@ -223,13 +224,13 @@ def test_both_order_paths_refuse_non_finite(order_path, row, col, bad):
 def test_counting_path_matches_reference(n, d, seed, levels):
     rng = np.random.default_rng(seed)
     stack = (rng.integers(0, levels, (n, d)) + rng.standard_normal((n, d)) * (seed % 2)).astype(np.float32)
-    limits = agg._NETWORK_MAX_N
-    agg._NETWORK_MAX_N = {0: 0, 1: 0}
+    limits = _robust._NETWORK_MAX_N
+    _robust._NETWORK_MAX_N = {0: 0, 1: 0}
     try:
         np.testing.assert_allclose(agg.median(stack), ref.median(stack), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(agg.trimmed_mean(stack, 0.2), ref.trimmed_mean(stack, 0.2), rtol=1e-5, atol=1e-5)
     finally:
-        agg._NETWORK_MAX_N = limits
+        _robust._NETWORK_MAX_N = limits
 
 
 def test_select_path_survives_adversarial_orders():
