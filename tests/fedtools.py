@@ -124,11 +124,15 @@ class SynthHandler:
         return TaskOutcome(n_samples=n, metrics={"loss": report.mean_loss}, params=model.params.copy())
 
     def on_model(self, model) -> None:
+        # both files replaced atomically, the params first: a test polling ``.round`` never
+        # reads a half-written file, and once it reads round r the params are of round r
         if self.model_out is not None:
             tmp = self.model_out.with_suffix(".tmp.npy")
             np.save(tmp, model.params)
             os.replace(tmp, self.model_out)
-            self.model_out.with_suffix(".round").write_text(str(model.round))
+            tmp_round = self.model_out.with_suffix(".round.tmp")
+            tmp_round.write_text(str(model.round))
+            os.replace(tmp_round, self.model_out.with_suffix(".round"))
 
 
 class BrokenHandler(SynthHandler):
