@@ -17,7 +17,8 @@ import pytest
 from fedgate.core import codec
 from fedgate.core.protocol import MsgType, decode, encode
 from fedgate.server.config import load_config
-from fedgate.server.coordinator import _COMMIT_HOLD_S, Coordinator
+from fedgate.server.coordinator import Coordinator
+from fedgate.server.rounds import _COMMIT_HOLD_S
 from fedgate.server.metrics import ServerMetrics
 from fedgate.server.spec import load_model_spec
 from fedgate.server.store import CheckpointStore, History
@@ -198,7 +199,7 @@ def test_hello_flags_are_validated():
 
 def test_round_lines_reach_info_at_most_once_a_second(rig: Rig, caplog):
     import logging
-    caplog.set_level(logging.DEBUG, logger="fedgate.server.coordinator")
+    caplog.set_level(logging.DEBUG, logger="fedgate.server")
     rig.co.tick()
     tasks = tasks_of(rig.take())
     for _ in range(3):  # three rounds within the same second
