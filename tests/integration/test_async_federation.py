@@ -46,12 +46,18 @@ class AsyncFederation(Federation):
         return out
 
     def assert_each_task_accepted_at_most_once(self) -> None:
-        accepted = self.count("SELECT SUM(n_accepted) FROM rounds WHERE kind = 'train'")
-        rows = self.count("SELECT COUNT(*) FROM agent_metrics WHERE kind = 'train'")
-        assert accepted == rows
-        statuses = self.query("SELECT t.status FROM agent_metrics m JOIN tasks t ON t.task_id = m.task_id "
-                              "WHERE m.kind = 'train'")
-        assert len(statuses) == rows and {s for (s,) in statuses} == {"accepted"}
+        # one statement, so one snapshot of a history the server may still be writing
+        # (a round's rows are committed in one transaction; separate queries saw more rows)
+        snapshot = self.query(
+            "SELECT (SELECT SUM(n_accepted) FROM rounds WHERE kind = 'train'), "
+            "(SELECT COUNT(*) FROM agent_metrics WHERE kind = 'train'), "
+            "(SELECT COUNT(*) FROM agent_metrics m JOIN tasks t ON t.task_id = m.task_id WHERE m.kind = 'train'), "
+            "(SELECT COUNT(*) FROM agent_metrics m JOIN tasks t ON t.task_id = m.task_id "
+            "WHERE m.kind = 'train' AND t.status != 'accepted')")
+        assert snapshot, "the server's history could not be read"
+        accepted, rows, joined, not_accepted = snapshot[0]
+        assert rows > 0 and accepted == rows
+        assert joined == rows and not_accepted == 0
 
 
 @pytest.fixture
