@@ -410,7 +410,9 @@ def test_a_median_relay_bounds_a_broken_gateway_behind_it(tiers):
 def test_relay_joins_headquarters_once_its_gateways_are_ready(tiers):
     from fedgate.server.cli import status_report
 
-    tier = tiers("join", rounds=1, layout={"relay-a": ["gw-1", "gw-2"]})
+    # relay-a joins anyway after its round_timeout: long enough for two gateways to start on a busy machine
+    tier = tiers("join", rounds=1, layout={"relay-a": ["gw-1", "gw-2"]},
+                 relay_fed={"relay-a": {"round_timeout": "120s"}})
     tier.start_hq()
     tier.start_relay("relay-a")
     config = str(tier.relays["relay-a"]["config"])
