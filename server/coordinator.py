@@ -124,6 +124,7 @@ class Coordinator(RoundClock, Commits):
             self.have_model = ckpt.phase == "train" and ckpt.round >= 1
             log.info("resumed from %s: phase %s, round %d (sha256 of params %s)", path, ckpt.phase, ckpt.round,
                      _digest(self.params))
+        self.durable = max(self.durable, self.committed)  # its checkpoint is on disk
         self.metrics.current_round.set(max(self.committed, 0))
         self._encode_model()
         self._reopen()
@@ -273,7 +274,7 @@ class Coordinator(RoundClock, Commits):
         self.send(rid, encode(MsgType.WELCOME, {
             "federation": self.fed.name, "round": rnd, "heartbeat_s": self.cfg.server.heartbeat_s,
             "spec": self.model.spec, "features": list(self.fed.features), "label": self.fed.label}))
-        if self.have_model:
+        if self.have_model and self.durable >= self.committed:  # else it comes once its checkpoint is on disk
             self.send(rid, self._model_frames)
         if owed:  # a notice held back for the previous connection
             self.send(rid, encode(MsgType.COMMITTED, {"round": self.durable}))

@@ -8,6 +8,7 @@ asked for neither and must see the protocol as before.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,14 @@ LEAN, PLAIN = "gw-lean", "gw-plain"
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, **federation: Any) -> None:
+    def __init__(self, tmp_path: Path, checkpoints: CheckpointStore | None = None, **federation: Any) -> None:
         cfg = load_config(write_config(tmp_path, federation={
             "statistics": False, "rounds": 4, "min_agents": 2, **federation}))
         self.now = 1000.0
         self.sent: list[tuple[str, Any]] = []
         self.history = History(tmp_path / "history.db")
         self.co = Coordinator(cfg, load_model_spec(cfg.federation.model, seed=0), self._send,
-                              history=self.history, checkpoints=CheckpointStore(tmp_path / "ckpt"),
+                              history=self.history, checkpoints=checkpoints or CheckpointStore(tmp_path / "ckpt"),
                               metrics=ServerMetrics(), population=lambda: 2, clock=lambda: self.now)
         self.co.handle(LEAN.encode(), None, encode(MsgType.HELLO, {
             "agent": LEAN, "software": "test", "features": FEATURES, "n_samples": 10,
@@ -212,3 +213,38 @@ def test_round_lines_reach_info_at_most_once_a_second(rig: Rig, caplog):
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if "committed:" in r.getMessage()]
     assert [lvl for lvl, _ in lines] == [logging.INFO, logging.DEBUG, logging.DEBUG, logging.INFO]
     assert lines[-1][1].startswith("train round 4 committed")
+
+
+class GatedStore(CheckpointStore):
+    """A real checkpoint directory whose saves wait for the test to open the gate."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+
+    def save(self, ckpt: Any) -> Any:
+        self.gate.wait(20)
+        return super().save(ckpt)
+
+
+def test_an_agent_welcomed_before_a_round_is_durable_gets_that_model_only_once_it_is(tmp_path: Path):
+    store = GatedStore(tmp_path / "ckpt")
+    store.gate.set()  # the first checkpoint (the initial state) goes through
+    r = Rig(tmp_path, checkpoints=store, evaluate=False)
+    try:
+        store.gate.clear()
+        r.co.tick()
+        r.answer(tasks_of(r.take()))
+        assert r.co.committed == 1 and r.co.durable < 1   # aggregated; its checkpoint waits at the gate
+        r.take()
+        r.co.handle(PLAIN.encode(), None, encode(MsgType.HELLO, {  # reconnects meanwhile
+            "agent": PLAIN, "software": "test", "features": FEATURES, "n_samples": 10}))
+        got = r.take()[PLAIN]
+        assert "welcome" in types(got) and "model" not in types(got)  # round 1 may still be lost
+        store.gate.set()
+        r.durable()
+        models = [f for t, f in r.take()[PLAIN] if t == "model"]
+        assert [m["round"] for m in models] == [1]
+    finally:
+        store.gate.set()
+        r.close()
