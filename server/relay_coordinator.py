@@ -141,6 +141,7 @@ class RelayCoordinator(Coordinator):
         self.local_rounds = 0
         self._checkpointed_model = -1  # HQ model round in the newest checkpoint
         self._notice = -1              # newest round headquarters said it committed
+        self.gateways_committed = -1   # newest round the gateways were told (their outboxes drop through it)
         super().__init__(*args, **kwargs)
 
     # ================================================================ restore
@@ -255,6 +256,8 @@ class RelayCoordinator(Coordinator):
         ev = self.evaluation
         if ev is not None and now >= ev.request.deadline:
             self._finish_evaluation(ev)
+        if self._gateway_commit() > self.gateways_committed:  # a held-back notice, once its round is answered
+            self._tell_gateways()
 
     # ================================================================ local rounds
     def _deadline(self, op: OpenRound, now: float) -> None:
@@ -389,19 +392,41 @@ class RelayCoordinator(Coordinator):
         kind = TaskKind.TRAIN if phase == "train" else TaskKind.STATISTICS
         self.writer.submit(ckpt, OpenRound(self.committed, kind, {}, now, now))
 
+    def _gateway_commit(self) -> int:
+        """The round the gateways may drop their results through.
+
+        Headquarters' durable commit, but below the round of the upstream task being
+        served: an asynchronous headquarters commits rounds after a task's round while
+        the relay still collects its gateways' results for that task (its answer is
+        still wanted, up to ``max_staleness`` rounds late), so a gateway that reconnects
+        meanwhile still holds its result and re-sends it. The rest of the notice goes
+        once the local round is answered or failed (:meth:`tick`).
+        """
+        req = self.request
+        if req is not None:
+            return min(self.durable, req.round - 1)
+        return self.durable
+
+    def _tell_gateways(self) -> None:
+        """``committed`` (:meth:`_gateway_commit`) to every live gateway."""
+        rnd = self._gateway_commit()
+        if rnd < 0:
+            return
+        self.gateways_committed = max(self.gateways_committed, rnd)
+        committed = encode(MsgType.COMMITTED, {"round": rnd})
+        for agent in self.registry.alive():
+            self._forget_owed(agent.name)
+            self.send(agent.routing_id, committed)
+
     def _broadcast(self, op: OpenRound) -> None:
         """A checkpoint of headquarters' commit is on disk: ``committed`` and the model to every gateway."""
         self.durable = max(self.durable, op.round)
-        committed = encode(MsgType.COMMITTED, {"round": self.durable})
-        alive = self.registry.alive()
-        for agent in alive:
-            self._forget_owed(agent.name)
-            self.send(agent.routing_id, committed)
+        self._tell_gateways()
         if self.have_model and op.kind is TaskKind.TRAIN and op.round == self.committed:
-            for agent in alive:
+            for agent in self.registry.alive():
                 self.send(agent.routing_id, self._model_frames)
         log.log(self._round_log_level("durable"), "relay: round %d committed at headquarters; "
-                "gateways told", self.durable)
+                "gateways told round %d", self.durable, self._gateway_commit())
 
     # ================================================================ reports
     def status(self) -> dict[str, Any]:

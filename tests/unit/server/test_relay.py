@@ -293,3 +293,53 @@ def test_configuration_doc_lists_every_relay_key_with_its_default():
     want = {"name"} | {f.metadata.get("toml") or f.name for f in dataclasses.fields(UplinkConfig)}
     assert set(documented) == want
     assert documented["name"].strip() == "required" and documented["heartbeat"].strip() == '`"5s"`'
+
+
+def test_gateways_are_told_no_commit_of_the_round_being_served_until_it_is_answered(tmp_path):
+    # an asynchronous headquarters commits rounds after a task's round while the relay is
+    # still collecting its gateways' results for that task (the answer is still wanted):
+    # the gateways keep those results (a reconnecting gateway re-sends them) until the
+    # local round is answered or failed, then they hear the rest of the notice
+    from fedgate.agent.uplink_types import GlobalModel
+    from fedgate.server.service import Server
+
+    cfg = parse_config(_doc(federation={"round_timeout": "30s"}), file=str(tmp_path / "relay.toml"),
+                       base_dir=str(tmp_path))
+    server = Server(cfg, serve_metrics=False)
+    relay, co = server.relay, server.coordinator
+    try:
+        def model(rnd: int) -> GlobalModel:
+            return GlobalModel(round=rnd, spec=co.model.spec, features=["a", "b"], label="y",
+                               scaler={"mean": [0.0, 1.0], "std": [1.0, 2.0]},
+                               params=np.full(3, float(rnd), dtype=np.float32))
+
+        def settle() -> None:
+            relay.pump()
+            co.writer.wait()
+            co.tick()
+            assert not co.committing
+
+        with ThreadPoolExecutor(1) as pool:  # a train task of round 3 (issued with model 2) is being served
+            answer = pool.submit(relay.uplink.handler.run_task, _task(round=3, deadline_s=60.0),
+                                 np.full(3, 2.0, dtype=np.float32))
+            for _ in range(2000):
+                relay.pump()
+                if co.request is not None:
+                    break
+                server.transport.poller.poll(10)
+            assert co.request is not None and co.request.round == 3
+            relay.uplink.handler.on_model(model(2))
+            settle()
+            assert (co.durable, co.gateways_committed) == (2, 2)
+            relay.uplink.handler.on_model(model(4))  # headquarters moved on while round 3 is served
+            settle()
+            assert co.durable == 4 and co.checkpoints.load_latest()[0].round == 4
+            assert co.gateways_committed == 2  # their results of local round 3 are kept
+            co.fail_all("stopping", "the relay is stopping")  # the local round ends (answered or failed) ...
+            co.tick()
+            assert co.gateways_committed == 4  # ... and the gateways hear headquarters' commit
+            with pytest.raises(TrainingError, match="stopping"):
+                answer.result(30)
+    finally:
+        relay.stop()
+        server.close()
