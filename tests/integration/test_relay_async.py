@@ -4,7 +4,9 @@ The rig is :class:`test_relay.Tier` (headquarters, relays and gateways as real p
 CURVE everywhere) with headquarters' ``[federation] mode = "async"``. Async train tasks
 ask for deltas (``codec_params.delta = true``): a relay forwards that codec to its
 gateways, combines their models and answers headquarters with its combination minus
-the task's global model, like any agent.
+the task's global model, like any agent. A relay killed under such a headquarters
+runs its interrupted local round again (or headquarters gives it a fresh task) and
+nothing is taken twice.
 """
 from __future__ import annotations
 
@@ -119,3 +121,33 @@ def test_async_headquarters_with_two_relays_and_a_direct_gateway(tiers):
         assert fedtools.stop(tier.procs[name]) == 0, tier.log(name)
     for name in ("relay-a", "relay-b", "hq"):
         assert fedtools.stop(tier.procs[name]) == 0, tier.log(name)
+
+
+def test_relay_killed_under_an_async_headquarters_rejoins_and_nothing_is_taken_twice(tiers):
+    tier = tiers("crash", rounds=ROUNDS, evaluate=False, hq_fed=_async_fed(3))
+    tier.start_all(**DELAYS)
+    tier.wait(lambda: tier.train_rounds_done() >= 5, "5 async rounds")
+    relay_a = tier.relays["relay-a"]
+    # relay-a holds a task of headquarters (an answer in its outbox or a local round under way)
+    tier.wait(lambda: tier.query("SELECT COUNT(*) FROM tasks WHERE agent = 'relay-a' AND kind = 'train' "
+                                 "AND status = 'issued'")[0][0] >= 1, "an outstanding task of relay-a")
+    fedtools.kill9(tier.procs["relay-a"])
+    killed_at = tier.train_rounds_done()
+    # headquarters goes on with relay-b and gw-5
+    tier.wait(lambda: tier.train_rounds_done() >= killed_at + 3, "rounds without relay-a")
+    tier.start_relay("relay-a")
+    tier.wait(lambda: tier.train_rounds_done() >= ROUNDS, f"{ROUNDS} async rounds", timeout_s=150)
+    got = tier.checkpoint(tier.hq_dir, ROUNDS).arrays["params"].astype(np.float64)
+    assert tier.query("SELECT round, n_accepted FROM rounds WHERE kind = 'train' ORDER BY round") == \
+        [(r, 2) for r in range(1, ROUNDS + 1)]
+    _accepted_once(tier)
+    later = tier.query("SELECT COUNT(*) FROM agent_metrics WHERE kind = 'train' AND agent = 'relay-a' "
+                       "AND round > ?", (killed_at + 3,))
+    assert later[0][0] >= 1  # the restarted relay contributes again
+    X, y = _pooled(tier)
+    np.testing.assert_allclose(got, ols_on_scaled(X, y), rtol=0, atol=0.05)
+    tier.checkpoint(relay_a["data"], ROUNDS)  # headquarters' last commit reached the restarted relay
+    tier.wait(lambda: all(not outbox_rounds_at(tier.root / f"{gw}.db") for gw in tier.gateways),
+              "the gateways' outboxes to empty", timeout_s=30)
+    tier.wait(lambda: all(not outbox_rounds_at(relay["data"] / "relay.db") for relay in tier.relays.values()),
+              "the relays' outboxes to empty", timeout_s=30)
