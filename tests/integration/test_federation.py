@@ -267,6 +267,8 @@ def test_server_kill9_mid_round_resumes_and_matches_an_uninterrupted_run(federat
     per_agent = fed.query("SELECT agent, COUNT(*) FROM tasks WHERE round = 3 AND kind = 'train' "
                           "AND status = 'accepted' GROUP BY agent")
     assert sorted(per_agent) == [(n, 1) for n in names]
+    # the last round's notice goes out once its checkpoint is on disk: then no result is kept
+    fed.wait(lambda: not any(_outbox_rounds(fed, n) for n in names), "the agents' outboxes to empty")
     fed.shutdown()
     # an agent re-sent its outbox after the restart, and nothing was left in it
     import json
