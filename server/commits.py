@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from fedgate.server.metrics import ServerMetrics
     from fedgate.server.privacy import PrivacyAccountant
     from fedgate.server.registry import Registry
+    from fedgate.server.schedule import RoundSchedule
     from fedgate.server.store import History
     from fedgate.server.strategies import Strategy
 
@@ -51,6 +52,7 @@ class Commits:
     clock: Callable[[], float]
     registry: Registry
     strategy: Strategy
+    schedule: RoundSchedule
     accountant: PrivacyAccountant
     population: Callable[[], int]
     writer: CheckpointWriter
@@ -87,6 +89,7 @@ class Commits:
                         op.kind.value, op.round, op.accepted, len(op.tasks), self.fed.min_agents)
             self.history.set_task_status((t, "expired") for t in op.tasks)
             self.open = None
+            self._resample(op)
             return
         if self.writer.pending >= self.max_pending_checkpoints:
             self._finish_commit(block=True)
@@ -99,6 +102,7 @@ class Commits:
             log.error("%s round %d could not be aggregated (%s); re-sampling", op.kind.value, op.round, exc)
             self.history.set_task_status((t, "expired") for t in op.tasks)
             self.open = None
+            self._resample(op)
             return
         op.closed = self.clock()
         self.open = None
@@ -117,6 +121,12 @@ class Commits:
         if self._owed:  # notices no task of the new round carried: they go now
             nxt = self.open
             self._pay_owed(set() if nxt is None else set(nxt.tasks.values()))
+
+    def _resample(self, op: OpenRound) -> None:
+        """``op`` closed without a model: its round is sampled again at once (not after
+        another ``round_interval``)."""
+        if op.kind is TaskKind.TRAIN:
+            self.schedule.retry()
 
     def _finish_commit(self, block: bool) -> None:
         """Announce each committed round whose checkpoint is on disk (``block``: wait for all).

@@ -363,6 +363,7 @@ class Relay:
             "federation": up["federation"], "upstream_round": up["last_round"],
             "upstream_committed_round": up["last_committed_round"], "last_contact_ts": up["last_contact_ts"],
             "outbox": up["outbox"], "refused": up["refused"], "local_rounds": co.local_rounds,
+            "gateways_committed_round": co.gateways_committed,
             "serving": None if serving is None else {"round": serving.round, "kind": serving.kind.value},
             "gateways_alive": co.registry.n_alive(), "written": time.time(),
             "counters": {k: v for k, v in up["counters"].items()

@@ -58,6 +58,7 @@ class RoundSchedule:
         # on the clock: the wall time's age carried over, so a restart keeps the pace
         self.started: float | None = None if last_started is None else \
             clock() - max(0.0, time.time() - last_started)
+        self._before: float | None = self.started    # the start before the last (see retry)
         self._told: tuple[int, float] | None = None  # (round, due) whose wait was logged
 
     def wait_s(self, now: float) -> float:
@@ -82,8 +83,13 @@ class RoundSchedule:
 
     def start(self, now: float) -> None:
         """A train round started at ``now``."""
-        self.started = now
+        self._before, self.started = self.started, now
         self.metrics.next_round_start.set(0)
+
+    def retry(self) -> None:
+        """The round last started is sampled again (too few usable results): it does not
+        wait for another interval, its pace is that of the round before it."""
+        self.started = self._before
 
 
 def merge_live(running: FederationSection, new: FederationSection,

@@ -296,6 +296,10 @@ def test_relay_killed_mid_round_restarts_and_the_model_equals_an_uninterrupted_r
     tier.checkpoint(relay["data"], rounds)
     tier.wait(lambda: not _local_outbox_rounds(tier, "gw-1") and not _local_outbox_rounds(tier, "gw-2"),
               "the gateways' outboxes to empty")
+    from fedgate.server.cli import status_report
+
+    tier.wait(lambda: (status_report(str(relay["config"]))["relay"] or {}).get("gateways_committed_round") == rounds,
+              "relay-a's status to show the gateways told the last round")
     tier.shutdown()
     reports = [json.loads((tier.root / f"{gw}.report.json").read_text()) for gw in ("gw-1", "gw-2")]
     assert all(r["status"]["outbox"] == 0 for r in reports)

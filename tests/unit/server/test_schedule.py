@@ -259,3 +259,20 @@ def test_history_prune_keeps_rounds_a_result_may_still_need(tmp_path: Path):
         assert h.db.execute("SELECT MIN(round) FROM tasks").fetchone()[0] == 4
     finally:
         h.close()
+
+
+def test_a_round_resampled_for_too_few_usable_results_does_not_wait_another_interval(rig: Rig):
+    rig.co.tick()
+    rig.run_round()
+    rig.advance(10.0)
+    rig.co.tick()
+    got = rig.tasks()
+    first = set(t["task_id"] for t in got.values())
+    for name, size in ((A, rig.co.params.size + 1), (B, rig.co.params.size)):  # A's is refused (size)
+        rig.co.handle(name.encode(), None, encode(MsgType.RESULT, {
+            "agent": name, "task_id": got[name]["task_id"], "round": 2, "kind": "train", "n_samples": 10,
+            "metrics": {}}, codec.encode(np.zeros(size, dtype=np.float32), "f32")))
+    rig.co.tick()                                  # every task answered, 1 usable of min_agents 2: re-sampled
+    assert rig.co.committed == 1 and rig.co.open is not None and rig.co.open.round == 2
+    assert not first & set(rig.co.open.tasks)      # new tasks, at once: no second interval
+    assert rig.run_round() == 2
