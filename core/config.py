@@ -38,7 +38,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["option", "build", "load_toml", "check_keys"]
+__all__ = ["option", "build", "load_toml", "check_keys", "toml_key", "changed_fields"]
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
@@ -67,6 +67,16 @@ def option(
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def toml_key(f: dataclasses.Field[Any]) -> str:
+    """The key a field of a config class is read from: its ``toml`` name, else its own."""
+    return f.metadata.get("toml") or f.name
+
+
+def changed_fields(old: Any, new: Any) -> list[str]:
+    """Names of the fields whose values differ between two instances of one config class."""
+    return [f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)]
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -99,7 +109,7 @@ def build(cls: type[T], data: Any, *, file: str | None = None, key: str = "") ->
         raise ConfigError("expected a table", file=file, key=key or None, value=data)
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
-    by_toml = {(f.metadata.get("toml") or f.name): f for f in fields}
+    by_toml = {toml_key(f): f for f in fields}
     check_keys(data, by_toml, file=file, key=key)
     kwargs: dict[str, Any] = {}
     for tname, f in by_toml.items():

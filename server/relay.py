@@ -32,7 +32,7 @@ import zmq
 
 from fedgate.agent.uplink import Uplink
 from fedgate.agent.uplink_types import GlobalModel, HelloInfo, Task, TaskOutcome, UplinkConfig
-from fedgate.core.config import build, option
+from fedgate.core.config import build, option, toml_key
 from fedgate.core.errors import ConfigError, FedgateError, TrainingError
 from fedgate.core.protocol import TaskKind, valid_agent_name
 from fedgate.server.config import ServerConfig
@@ -79,7 +79,7 @@ def parse_relay_section(table: Any, *, file: str, base_dir: str) -> RelaySection
     """Build :class:`RelaySection` from the ``[relay]`` table; errors name file, key and value."""
     if not isinstance(table, dict):
         raise ConfigError("expected a table", file=file, key="relay", value=table)
-    uplink_keys = {f.metadata.get("toml") or f.name for f in fields(UplinkConfig)}
+    uplink_keys = {toml_key(f) for f in fields(UplinkConfig)}
     rest = {k: v for k, v in table.items() if k != "name"}
     unknown = [k for k in rest if k not in uplink_keys]
     if unknown:

@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
+from fedgate.core.config import changed_fields
 from fedgate.core.errors import StoreError
 from fedgate.server.config import LIVE_FEDERATION_KEYS, FederationSection
 from fedgate.server.metrics import ServerMetrics
@@ -53,7 +54,6 @@ class RoundSchedule:
     def __init__(self, interval_s: float, clock: Callable[[], float], last_started: float | None,
                  metrics: ServerMetrics) -> None:
         self.interval_s = float(interval_s)
-        self.clock = clock
         self.metrics = metrics
         # on the clock: the wall time's age carried over, so a restart keeps the pace
         self.started: float | None = None if last_started is None else \
@@ -102,7 +102,7 @@ def merge_live(running: FederationSection, new: FederationSection,
         ``merged``: ``running`` with the changed keys of ``live`` taken from ``new``;
         ``applied``: those keys; ``restart``: the changed keys that need a restart.
     """
-    changed = [f.name for f in dataclasses.fields(running) if getattr(running, f.name) != getattr(new, f.name)]
+    changed = changed_fields(running, new)
     applied = [k for k in changed if k in live]
     restart = [k for k in changed if k not in live]
     merged = dataclasses.replace(running, **{k: getattr(new, k) for k in applied}) if applied else running

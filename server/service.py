@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from fedgate.core import systemd
+from fedgate.core.config import changed_fields, toml_key
 from fedgate.core.errors import ConfigError, FedgateError
 from fedgate.core.keys import public_keys_in
 from fedgate.server.config import FederationMode, ServerConfig, load_config
@@ -134,9 +135,8 @@ class Server:
                              ", ".join(_toml_keys(self.cfg.federation, applied)))
                 sections = ("server", "federation", "strategy", "privacy") + (("relay",) if new.relay else ())
                 for section in sections:
-                    old_s, new_s = getattr(self.cfg, section), getattr(new, section)
-                    changed = [f.name for f in dataclasses.fields(old_s)
-                               if getattr(old_s, f.name) != getattr(new_s, f.name)]
+                    old_s = getattr(self.cfg, section)
+                    changed = changed_fields(old_s, getattr(new, section))
                     if changed:
                         log.warning("reload: [%s] %s changed; takes effect after a restart", section,
                                     ", ".join(_toml_keys(old_s, changed)))
@@ -231,7 +231,7 @@ class Server:
 
 def _toml_keys(section: Any, names: list[str]) -> list[str]:
     """The keys as the file spells them (``round_timeout``, not the field ``round_timeout_s``)."""
-    keys = {f.name: f.metadata.get("toml") or f.name for f in dataclasses.fields(section)}
+    keys = {f.name: toml_key(f) for f in dataclasses.fields(section)}
     return [keys.get(n, n) for n in names]
 
 

@@ -29,6 +29,7 @@ import pytest
 from fedgate.agent.config import AgentSection, FeatureConfig, LabelConfig, MetricsConfig, PredictConfig, SamplesConfig
 from fedgate.agent.config import StoreConfig
 from fedgate.agent.uplink import UplinkConfig
+from fedgate.core.config import toml_key
 from fedgate.core.errors import ConfigError
 from fedgate.core.model import ModelSpec
 from fedgate.drivers.config import LineDeviceConfig, LineTagConfig, ModbusDeviceConfig, ModbusTagConfig
@@ -424,10 +425,6 @@ def _lookup(doc: Any, path: tuple[str, ...], key: str, section: str) -> Any:
 
 
 # ------------------------------------------------------------------------ rendering
-def toml_key(f: dataclasses.Field) -> str:
-    return f.metadata.get("toml") or f.name
-
-
 def _type_name(tp: Any, unit: str | None) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedgate.core.config import toml_key
 from fedgate.core.errors import ConfigError, TrainingError
 from fedgate.core.protocol import TaskKind
 from fedgate.server.config import load_config, parse_config
@@ -290,7 +291,7 @@ def test_configuration_doc_lists_every_relay_key_with_its_default():
     text = (ROOT / "docs" / "configuration.md").read_text()
     table = text[text.index("### `[relay]`"):]
     documented = dict(re.findall(r"^\| `([a-z_]+)` \| [^|]* \| ([^|]*) \|", table, re.M))
-    want = {"name"} | {f.metadata.get("toml") or f.name for f in dataclasses.fields(UplinkConfig)}
+    want = {"name"} | {toml_key(f) for f in dataclasses.fields(UplinkConfig)}
     assert set(documented) == want
     assert documented["name"].strip() == "required" and documented["heartbeat"].strip() == '`"5s"`'
 
