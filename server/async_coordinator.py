@@ -155,7 +155,6 @@ class AsyncCoordinator(Coordinator):
             if v == rnd:
                 op.tasks[tid] = agent
         self.history.set_task_status((t, "issued") for t in again)
-        self.durable = max(self.durable, self.committed)  # its checkpoint is on disk
         log.info("resuming async train round %d with %d outstanding tasks; agents re-send their results",
                  rnd, len(again))
 

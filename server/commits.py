@@ -7,7 +7,8 @@ fsynced on a worker thread, the round's rows go to the history, and only once th
 checkpoint is on disk are ``committed``, the new model and the evaluate tasks sent. A
 commit notice rides in the agent's next task when one follows soon (``task_commits``),
 and a model is not sent to an agent that takes it from a task (``task_models``). The
-coordinator holds the state these methods work on (annotated below).
+coordinator holds the state these methods work on
+(:class:`~fedgate.server.rounds.CoordinatorState`).
 """
 from __future__ import annotations
 
@@ -15,62 +16,24 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from fedgate.core import aggregate as agg
-from fedgate.core.errors import AggregationError, StoreError
+from fedgate.core.errors import AggregationError
 from fedgate.core.protocol import MsgType, TaskKind, encode, new_task_ids
 from fedgate.server.privacy import add_noise
-from fedgate.server.rounds import MetricMeans, OpenRound
-from fedgate.server.store import CheckpointWriter, TaskRow
-
-if TYPE_CHECKING:
-    from fedgate.server.config import FederationSection, ServerConfig
-    from fedgate.server.metrics import ServerMetrics
-    from fedgate.server.privacy import PrivacyAccountant
-    from fedgate.server.registry import Registry
-    from fedgate.server.schedule import RoundSchedule
-    from fedgate.server.store import History
-    from fedgate.server.strategies import Strategy
+from fedgate.server.rounds import CoordinatorState, MetricMeans, OpenRound
+from fedgate.server.store import TaskRow
 
 __all__ = ["Commits"]
 
 log = logging.getLogger(__name__)
 
 
-class Commits:
+class Commits(CoordinatorState):
     """Closing, committing and announcing rounds (a part of ``Coordinator``)."""
-
-    cfg: ServerConfig
-    fed: FederationSection
-    send: Callable[[bytes, list[Any]], bool]
-    history: History
-    metrics: ServerMetrics
-    clock: Callable[[], float]
-    registry: Registry
-    strategy: Strategy
-    schedule: RoundSchedule
-    accountant: PrivacyAccountant
-    population: Callable[[], int]
-    writer: CheckpointWriter
-    max_pending_checkpoints: int
-    params: np.ndarray
-    scaler: tuple[np.ndarray, np.ndarray] | None
-    committed: int
-    durable: int
-    have_model: bool
-    open: OpenRound | None
-    fatal: StoreError | None
-    task_models: set[str]
-    task_commits: set[str]
-    eval_rows: list[tuple[str, int, str, int, dict[str, float]]]
-    _owed: set[str]
-    _owed_since: float
-    _round_logged: dict[str, float]
-    _model_frames: list[Any]
 
     def _close(self, now: float) -> None:
         """Aggregate the open round, start the next one, then make the commit durable and announce it.

@@ -155,7 +155,7 @@ class RelayCoordinator(Coordinator):
             self.upstream = (model_round, np.array(self.params, dtype=np.float32), scaler)
             self._checkpointed_model = model_round
             self._model_frames = self._upstream_frames()
-        self.durable = self._notice = self.committed
+        self._notice = self.committed  # (durable too: set by the base class)
 
     def _reopen(self) -> None:
         """Expire the local tasks of an interrupted run: headquarters re-sends its task."""

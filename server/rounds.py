@@ -8,7 +8,7 @@ sampling ``fraction`` of them deterministically from ``seed`` and the round, its
 written to the history before they are sent), builds each round's task header once
 (the nonce spliced in per agent, and a commit notice the agent is owed), retries sends
 that met a full queue, and closes a round at its deadline when a quorum answered. The
-coordinator holds the state these methods work on (annotated below).
+coordinator holds the state these methods work on (:class:`CoordinatorState`).
 """
 from __future__ import annotations
 
@@ -25,15 +25,17 @@ from fedgate.core.protocol import MsgType, TaskKind, encode, new_task_ids
 from fedgate.server.store import TaskRow
 
 if TYPE_CHECKING:
+    from fedgate.core.errors import StoreError
     from fedgate.server.config import FederationSection, ServerConfig
     from fedgate.server.metrics import ServerMetrics
+    from fedgate.server.privacy import PrivacyAccountant
     from fedgate.server.registry import Registry
     from fedgate.server.schedule import HistoryPruner, RoundSchedule
     from fedgate.server.spec import FederationModel
-    from fedgate.server.store import History
+    from fedgate.server.store import CheckpointWriter, History
     from fedgate.server.strategies import Strategy
 
-__all__ = ["MetricMeans", "OpenRound", "RoundClock"]
+__all__ = ["MetricMeans", "OpenRound", "CoordinatorState", "RoundClock"]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,10 @@ class OpenRound:
         return sum(1 for s in self.done.values() if s == "accepted")
 
 
-class RoundClock:
-    """Opening rounds, sending their tasks, deadlines (a part of ``Coordinator``)."""
+class CoordinatorState:
+    """The state :class:`~fedgate.server.coordinator.Coordinator` holds, as its parts
+    (:class:`RoundClock`, :class:`~fedgate.server.commits.Commits`) use it; annotations
+    only: the coordinator sets every one of them."""
 
     cfg: ServerConfig
     fed: FederationSection
@@ -101,21 +105,35 @@ class RoundClock:
     history: History
     metrics: ServerMetrics
     clock: Callable[[], float]
+    population: Callable[[], int]
     registry: Registry
     strategy: Strategy
+    accountant: PrivacyAccountant
     schedule: RoundSchedule
     pruner: HistoryPruner
+    writer: CheckpointWriter
+    max_pending_checkpoints: int
     params: np.ndarray
     scaler: tuple[np.ndarray, np.ndarray] | None
     committed: int
     durable: int
+    have_model: bool
     open: OpenRound | None
+    fatal: StoreError | None
+    task_models: set[str]
+    task_commits: set[str]
     eval_rows: list[tuple[str, int, str, int, dict[str, float]]]
     _owed: set[str]
     _owed_since: float
+    _round_logged: dict[str, float]
     _payload: bytes
+    _model_frames: list[Any]
     _scaler_dict: dict[str, Any] | None
     _task_templates: dict[TaskKind, tuple[Any, bytes | None]]
+
+
+class RoundClock(CoordinatorState):
+    """Opening rounds, sending their tasks, deadlines (a part of ``Coordinator``)."""
 
     def tick(self) -> None:
         """Deadlines, dead agents, starting rounds; call often (every loop turn)."""
