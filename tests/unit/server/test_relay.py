@@ -173,6 +173,35 @@ def _loop_until(server: Any, done: Future[Any]) -> None:
     raise AssertionError("the loop never settled the request")
 
 
+def _until_serving(server: Any) -> Any:
+    """Play the loop until it takes the upstream task the uplink posted; its request."""
+    co = server.coordinator
+    for _ in range(2000):
+        server.relay.pump()
+        if co.request is not None:
+            return co.request
+        server.transport.poller.poll(10)
+    raise AssertionError("the loop never took the upstream task")
+
+
+def _hq_model(co: Any, rnd: int) -> Any:
+    """Headquarters' global model of round ``rnd`` as the uplink hands it over (params all ``rnd``)."""
+    from fedgate.agent.uplink_types import GlobalModel
+
+    return GlobalModel(round=rnd, spec=co.model.spec, features=["a", "b"], label="y",
+                       scaler={"mean": [0.0, 1.0], "std": [1.0, 2.0]}, params=np.full(3, float(rnd), dtype=np.float32))
+
+
+def _settle(server: Any) -> Any:
+    """The loop takes the posted events; checkpoints are written and announced. The newest checkpoint."""
+    co = server.coordinator
+    server.relay.pump()
+    co.writer.wait()
+    co.tick()
+    assert not co.committing
+    return co.checkpoints.load_latest()[0]
+
+
 def test_a_task_reaches_the_loop_wakes_it_and_fails_without_gateways(relay_server):
     server = relay_server
     relay = server.relay
@@ -213,12 +242,7 @@ def test_stopping_fails_the_waiting_task(relay_server):
 
         answer = pool.submit(run)
         assert started.wait(30)
-        for _ in range(2000):  # the loop takes it (no gateway: it waits for them)
-            relay.pump()
-            if relay_server.coordinator.request is not None:
-                break
-            relay_server.transport.poller.poll(10)
-        assert relay_server.coordinator.request is not None
+        _until_serving(relay_server)  # the loop takes it (no gateway: it waits for them)
         relay.stop()
         with pytest.raises(TrainingError, match="stopping"):
             answer.result(30)
@@ -231,55 +255,36 @@ def test_a_relay_checkpoint_of_a_round_holds_headquarters_model_of_that_round(re
     # (the notice of its last round rides on the evaluate task whose model is handed over
     # next; a notice of round r comes while the uplink holds round r + 2's model, not yet
     # committed): the checkpoint of round r waits for the model of round r
-    from fedgate.agent.uplink_types import GlobalModel
     from fedgate.server.store import read_checkpoint
 
     server, relay, co = relay_server, relay_server.relay, relay_server.coordinator
 
-    def model(rnd: int) -> GlobalModel:
-        return GlobalModel(round=rnd, spec=co.model.spec, features=["a", "b"], label="y",
-                           scaler={"mean": [0.0, 1.0], "std": [1.0, 2.0]},
-                           params=np.full(3, float(rnd), dtype=np.float32))
-
-    def settle() -> Any:  # the loop takes the events; the checkpoints are written and announced
-        relay.pump()
-        co.writer.wait()
-        co.tick()
-        assert not co.committing
-        ckpt, _ = co.checkpoints.load_latest()
-        return ckpt
-
     with ThreadPoolExecutor(1) as pool:  # a train task of round 3 is being served (no gateways yet)
         task_params = np.full(3, 7.0, dtype=np.float32)
         answer = pool.submit(relay.uplink.handler.run_task, _task(round=3), task_params)
-        for _ in range(2000):
-            relay.pump()
-            if co.request is not None:
-                break
-            server.transport.poller.poll(10)
-        assert co.request is not None and co.request.round == 3
+        assert _until_serving(server).round == 3
         relay.post(("committed", 0))
         relay.post(("committed", 1))  # round 1's model was superseded by round 2's, not yet committed
-        ckpt = settle()
+        ckpt = _settle(server)
         _loop_until(server, answer)  # no gateways: the task fails
     with pytest.raises(TrainingError):
         answer.result(0)
     assert (ckpt.round, ckpt.phase) == (0, "statistics")
     np.testing.assert_array_equal(ckpt.arrays["params"], co.model.initial_params())  # not the task's
 
-    relay.uplink.handler.on_model(model(2))  # committed: handed over by the uplink
-    ckpt = settle()
+    relay.uplink.handler.on_model(_hq_model(co, 2))  # committed: handed over by the uplink
+    ckpt = _settle(server)
     assert (ckpt.round, ckpt.phase, ckpt.meta["model_round"]) == (2, "train", 2)
     relay.post(("committed", 3))  # before its model: nothing of round 3 yet
-    assert settle().round == 2 and co.durable == 2
-    relay.uplink.handler.on_model(model(3))
-    ckpt = settle()
+    assert _settle(server).round == 2 and co.durable == 2
+    relay.uplink.handler.on_model(_hq_model(co, 3))
+    ckpt = _settle(server)
     assert (ckpt.round, ckpt.meta["model_round"]) == (3, 3) and co.durable == 3
-    np.testing.assert_array_equal(ckpt.arrays["params"], model(3).params)
+    np.testing.assert_array_equal(ckpt.arrays["params"], _hq_model(co, 3).params)
     for path in co.checkpoints.files():  # no file ever paired a round with another round's model
         ckpt = read_checkpoint(path)
         if ckpt.phase == "train":
-            np.testing.assert_array_equal(ckpt.arrays["params"], model(ckpt.round).params)
+            np.testing.assert_array_equal(ckpt.arrays["params"], _hq_model(co, ckpt.round).params)
 
 
 def test_configuration_doc_lists_every_relay_key_with_its_default():
@@ -301,7 +306,6 @@ def test_gateways_are_told_no_commit_of_the_round_being_served_until_it_is_answe
     # still collecting its gateways' results for that task (the answer is still wanted):
     # the gateways keep those results (a reconnecting gateway re-sends them) until the
     # local round is answered or failed, then they hear the rest of the notice
-    from fedgate.agent.uplink_types import GlobalModel
     from fedgate.server.service import Server
 
     cfg = parse_config(_doc(federation={"round_timeout": "30s"}), file=str(tmp_path / "relay.toml"),
@@ -309,31 +313,15 @@ def test_gateways_are_told_no_commit_of_the_round_being_served_until_it_is_answe
     server = Server(cfg, serve_metrics=False)
     relay, co = server.relay, server.coordinator
     try:
-        def model(rnd: int) -> GlobalModel:
-            return GlobalModel(round=rnd, spec=co.model.spec, features=["a", "b"], label="y",
-                               scaler={"mean": [0.0, 1.0], "std": [1.0, 2.0]},
-                               params=np.full(3, float(rnd), dtype=np.float32))
-
-        def settle() -> None:
-            relay.pump()
-            co.writer.wait()
-            co.tick()
-            assert not co.committing
-
         with ThreadPoolExecutor(1) as pool:  # a train task of round 3 (issued with model 2) is being served
             answer = pool.submit(relay.uplink.handler.run_task, _task(round=3, deadline_s=60.0),
                                  np.full(3, 2.0, dtype=np.float32))
-            for _ in range(2000):
-                relay.pump()
-                if co.request is not None:
-                    break
-                server.transport.poller.poll(10)
-            assert co.request is not None and co.request.round == 3
-            relay.uplink.handler.on_model(model(2))
-            settle()
+            assert _until_serving(server).round == 3
+            relay.uplink.handler.on_model(_hq_model(co, 2))
+            _settle(server)
             assert (co.durable, co.gateways_committed) == (2, 2)
-            relay.uplink.handler.on_model(model(4))  # headquarters moved on while round 3 is served
-            settle()
+            relay.uplink.handler.on_model(_hq_model(co, 4))  # headquarters moved on while round 3 is served
+            _settle(server)
             assert co.durable == 4 and co.checkpoints.load_latest()[0].round == 4
             assert co.gateways_committed == 2  # their results of local round 3 are kept
             co.fail_all("stopping", "the relay is stopping")  # the local round ends (answered or failed) ...
