@@ -203,7 +203,7 @@ def _status(config: str, as_json: bool) -> int:
         + ("" if relay.get("upstream_committed_round") is None
            else f", headquarters committed round {relay['upstream_committed_round']}")
         + (f", {relay['outbox']} results kept for headquarters" if relay.get("outbox") else "")
-        + ("" if (relay.get("gateways_committed_round") or -1) < 0
+        + ("" if relay.get("gateways_committed_round") is None or relay["gateways_committed_round"] < 0
            else f", gateways told round {relay['gateways_committed_round']} committed")
         + (f", serving {relay['serving']['kind']} round {relay['serving']['round']}" if relay.get("serving") else ""),
     ]
